@@ -1,0 +1,14 @@
+"""mlx-specstream: Speculative Streaming inference on MLX.
+
+Importing this package first installs an optimized BLAS on Linux (see ``_blas``),
+which must happen before ``mlx.core`` is loaded.
+"""
+
+from . import _blas
+
+_blas.setup()
+
+from .generate import GenerationResponse, generate, load, stream_generate  # noqa: E402
+
+__all__ = ["load", "generate", "stream_generate", "GenerationResponse"]
+__version__ = "0.1.0"

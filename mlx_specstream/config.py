@@ -1,0 +1,76 @@
+"""The speculative-streaming section of a model folder's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_KEY = "speculative_streaming"
+STREAMS_FILE = "specstream.safetensors"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class SpecStreamConfig:
+    """Settings of the speculative streams and of the draft tree.
+
+    num_streams: gamma, the number of speculative streams (stream j predicts t+1+j).
+    stream_layers: Ns, the number of top decoder layers that run multi-stream attention.
+    tree_topk: candidates kept per tree depth (len <= num_streams); the product tree has
+        1 + k1 + k1*k2 + ... nodes.
+    prune_threshold: drop a tree node (and its subtree) from the MSA layers when the
+        early-exit probability of its token under its parent is below this; 0 disables.
+    adapter_rank: rank of the pruning (early-exit) adapter.
+    stream_lora_rank: rank of the stream-only LoRA adapters in the MSA layers (0: none).
+    stream_lora_scale: LoRA scale (alpha / rank).
+    """
+
+    num_streams: int = 3
+    stream_layers: int = 4
+    tree_topk: list[int] = field(default_factory=lambda: [3, 2, 1])
+    prune_threshold: float = 0.0
+    adapter_rank: int = 8
+    stream_lora_rank: int = 0
+    stream_lora_scale: float = 2.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, num_layers: int | None = None) -> None:
+        if self.num_streams < 1:
+            raise ValueError(f"num_streams must be >= 1, got {self.num_streams}")
+        if self.stream_layers < 1:
+            raise ValueError(f"stream_layers must be >= 1, got {self.stream_layers}")
+        if num_layers is not None and self.stream_layers > num_layers:
+            raise ValueError(
+                f"stream_layers={self.stream_layers} exceeds the model's {num_layers} layers"
+            )
+        if not self.tree_topk or any(int(k) < 1 for k in self.tree_topk):
+            raise ValueError(f"tree_topk must be a non-empty list of ints >= 1: {self.tree_topk}")
+        if len(self.tree_topk) > self.num_streams:
+            raise ValueError(
+                f"tree_topk has {len(self.tree_topk)} depths but there are only "
+                f"{self.num_streams} streams"
+            )
+        if not 0.0 <= self.prune_threshold < 1.0:
+            raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
+        if self.adapter_rank < 1:
+            raise ValueError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
+        self.tree_topk = [int(k) for k in self.tree_topk]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SpecStreamConfig:
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown keys in '{CONFIG_KEY}' config: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def extra_parameters(self, hidden_size: int) -> int:
+        """Parameters added by the method, not counting the optional stream LoRA."""
+        return self.num_streams * hidden_size + 2 * self.adapter_rank * hidden_size

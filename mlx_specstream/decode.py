@@ -1,0 +1,213 @@
+"""The decoding loop: prefill, then one pass per step that verifies the current draft
+tree in the main stream and drafts the next tree from every node's streams.
+
+The loop reaches the model only through ``SpecStreamModel`` (lower / exit / upper /
+head) and the cache only through ``TreeKVCache.commit``.  The decoding policy (tree
+shape, pruning, acceptance) is in ``tree.py``.  One host synchronisation per step is
+needed for acceptance (two with pruning: the pruned shape is decided mid-pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .model import SpecStreamModel
+from .tree import Tree, accept_greedy, product_tree, prune, subtree
+
+
+@dataclass
+class DecodeStats:
+    """Counters of a generation, updated in place as tokens are yielded."""
+
+    forward_passes: int = 0  # passes after the prefill (each yields >= 1 token)
+    step_tokens: int = 0  # tokens produced by those passes
+    accepted_per_depth: list[int] = field(default_factory=list)  # steps accepting >= d drafts
+    tree_nodes: int = 0  # tree nodes run through the MSA layers, summed over steps
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.step_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    def acceptance_rate(self) -> list[float]:
+        n = max(self.forward_passes, 1)
+        return [a / n for a in self.accepted_per_depth]
+
+
+def _topk_indices(logits: mx.array, k: int) -> mx.array:
+    """Indices of the k largest entries along the last axis, best first."""
+    if k == 1:
+        return mx.argmax(logits, axis=-1, keepdims=True)
+    part = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    vals = mx.take_along_axis(logits, part, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return mx.take_along_axis(part, order, axis=-1)
+
+
+def check_context(model: SpecStreamModel, prompt_len: int, max_tokens: int) -> int:
+    """The context limit, or a ValueError when the prompt does not fit."""
+    limit = getattr(model.args, "max_position_embeddings", None) or 1 << 30
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_len >= limit:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens but the model's context is {limit} tokens"
+        )
+    return limit
+
+
+def _prefill(
+    model: SpecStreamModel, prompt: mx.array, cache, with_streams: bool, chunk: int = 512
+) -> tuple[mx.array, mx.array | None]:
+    """Run the prompt (in chunks) and return the last main logits and, when asked,
+    the stream hidden states of the last prompt position."""
+    n = prompt.shape[0]
+    start = 0
+    while n - start > chunk:
+        end = start + chunk
+        model(
+            prompt[start:end],
+            positions=mx.arange(cache.offset, cache.offset + chunk),
+            cache=cache,
+            with_streams=False,
+        )
+        mx.eval([c for c in cache.state_arrays()])
+        cache.commit()
+        start = end
+    rest = prompt[start:]
+    L = rest.shape[0]
+    positions = mx.arange(cache.offset, cache.offset + L)
+    h = model.lower(rest, positions, None, cache)
+    rows = mx.array([L - 1]) if with_streams else None
+    main, sh = model.upper(h, positions, None, cache, rows, with_streams)
+    cache.commit()
+    return main[0, -1], (sh[0, 0] if sh is not None else None)
+
+
+def autoregressive_steps(
+    model: SpecStreamModel, prompt: mx.array, max_tokens: int, stats: DecodeStats
+) -> Iterator[int]:
+    """Plain greedy decoding in the same runtime (no streams), pipelined like mlx-lm:
+    the next pass is queued before the current token is read back."""
+    limit = check_context(model, prompt.shape[0], max_tokens)
+    cache = model.make_cache()
+    logits, _ = _prefill(model, prompt, cache, with_streams=False)
+    y = mx.argmax(logits)
+    mx.async_eval(y)
+    produced = 0
+    while produced < max_tokens:
+        nxt = None
+        if produced + 1 < max_tokens and cache.offset + 1 < limit:
+            logits, _ = model.upper(
+                model.lower(y.reshape(1, 1), mx.array([cache.offset]), None, cache),
+                mx.array([cache.offset]),
+                None,
+                cache,
+                None,
+                False,
+            )
+            cache.commit()
+            nxt = mx.argmax(logits[0, -1])
+            mx.async_eval(nxt)
+        tok = int(y.item())
+        produced += 1
+        if produced > 1:
+            stats.forward_passes += 1
+            stats.step_tokens += 1
+        yield tok
+        if nxt is None:
+            return
+        y = nxt
+
+
+def speculative_steps(
+    model: SpecStreamModel,
+    prompt: mx.array,
+    max_tokens: int,
+    stats: DecodeStats,
+    tree: Tree | None = None,
+    prune_threshold: float | None = None,
+) -> Iterator[int]:
+    """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding."""
+    cfg = model.cfg
+    tree = tree if tree is not None else product_tree(cfg.tree_topk)
+    if tree.max_depth > cfg.num_streams:
+        raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
+    threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
+    limit = check_context(model, prompt.shape[0], max_tokens)
+    stats.accepted_per_depth = [0] * tree.max_depth
+    cache = model.make_cache()
+    g = cfg.num_streams
+
+    # Constant per tree: index arrays and mask on the device.
+    gather = mx.array(tree.gather_index.astype(np.int32))
+    depth = mx.array(tree.depth.astype(np.int32))
+    full_mask = mx.array(tree.mask)
+    parent = mx.array(np.maximum(tree.parent, 0).astype(np.int32))
+    kmax = tree.kmax
+
+    def draft(stream_hidden: mx.array) -> mx.array:
+        """(g, hidden) stream states of the host node -> flattened top-kmax candidates."""
+        return _topk_indices(model.stream_logits(stream_hidden[:g]), kmax).reshape(-1)
+
+    logits, sh = _prefill(model, prompt, cache, with_streams=True)
+    root = mx.argmax(logits).reshape(1)
+    cands = draft(sh)
+    produced = 0
+    first = int(root.item())
+    produced += 1
+    yield first
+
+    while produced < max_tokens:
+        if cache.offset + tree.size > limit:
+            return  # context full
+        off = cache.offset
+        tokens = mx.concatenate([root, cands[gather]]) if tree.size > 1 else root
+        positions = depth + off
+        h = model.lower(tokens, positions, full_mask, cache)
+        if threshold > 0.0 and tree.size > 1:
+            ex = model.exit_logits(h[0])
+            lse = mx.logsumexp(ex, axis=-1)
+            p = mx.exp(ex[parent, tokens] - lse[parent])
+            keep = prune(tree, np.array(p), threshold)
+        else:
+            keep = None
+        if keep is not None and keep.shape[0] < tree.size:
+            keep_mx = mx.array(keep.astype(np.int32))
+            h = h[:, keep_mx]
+            u_tokens = tokens[keep_mx]
+            u_pos = positions[keep_mx]
+            u_mask = full_mask[keep_mx][:, keep_mx]
+            kept, tree_sub = keep, subtree(tree, keep)
+        else:
+            u_tokens, u_pos, u_mask = tokens, positions, full_mask
+            kept, tree_sub = None, tree
+        main, sh = model.upper(h, u_pos, u_mask, cache, None, True)
+        pred = mx.argmax(main[0], axis=-1)
+        mx.eval(pred, u_tokens)
+        pred_np, tok_np = np.array(pred), np.array(u_tokens)
+        path = accept_greedy(tree_sub, tok_np, pred_np)
+        last = path[-1]
+        stats.forward_passes += 1
+        stats.tree_nodes += tree_sub.size
+        for d in range(1, len(path)):
+            stats.accepted_per_depth[d - 1] += 1
+        # Commit: lower layers hold every node, upper layers the kept ones.
+        if kept is None:
+            cache.commit(path)
+        else:
+            lower_rows = [int(keep[i]) for i in path]
+            cache.commit([lower_rows] * model.split + [path] * (model.num_layers - model.split))
+        root = pred[last].reshape(1)
+        cands = draft(sh[0, last])
+        new_tokens = [int(tok_np[i]) for i in path[1:]] + [int(pred_np[last])]
+        for t in new_tokens:
+            if produced >= max_tokens:
+                return
+            produced += 1
+            stats.step_tokens += 1
+            yield t
+

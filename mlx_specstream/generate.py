@@ -1,0 +1,235 @@
+"""The Python API, in the shape of mlx-lm's: ``load``, ``stream_generate``, ``generate``.
+
+Thread safety: a loaded model holds no per-request state (each generation makes its
+own cache), so several threads may share one (model, tokenizer) pair; MLX serialises
+the actual computation.  Tokenizer detokenizers are per-request copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_model, load_tokenizer
+
+from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
+from .decode import DecodeStats, autoregressive_steps, speculative_steps
+from .model import SpecStreamModel
+from .tree import product_tree
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: as mlx-lm's GenerationResponse, plus speculative statistics."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None
+    forward_passes: int = 0  # passes after the prefill
+    tokens_per_pass: float = 0.0
+    accepted_per_depth: list[int] = field(default_factory=list)
+    logprobs: mx.array | None = None
+    from_draft: bool = False
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    streams_path: str | Path | None = None,
+    tokenizer_config: dict | None = None,
+    lazy: bool = False,
+) -> tuple[SpecStreamModel, TokenizerWrapper]:
+    """Load a model folder (the default model when ``path`` is None).
+
+    Stream parameters come from ``streams_path`` (a folder with specstream.safetensors
+    and optionally a config.json carrying the speculative_streaming section) or else
+    from the model folder.  A plain mlx-lm folder loads with fresh, untrained streams."""
+    if path is None:
+        from .default_model import default_model_path
+
+        path = default_model_path()
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a model folder")
+    base, config = load_model(path, lazy=lazy)
+    src = Path(streams_path) if streams_path is not None else path
+    section = config.get(CONFIG_KEY)
+    if streams_path is not None and (src / "config.json").exists():
+        section = json.loads((src / "config.json").read_text()).get(CONFIG_KEY, section)
+    cfg = SpecStreamConfig.from_dict(section)
+    model = SpecStreamModel(base, cfg)
+    weights_file = src / STREAMS_FILE
+    if weights_file.exists():
+        try:
+            weights = mx.load(str(weights_file))
+        except Exception as e:  # corrupt file: say which
+            raise ValueError(f"cannot read stream parameters {weights_file}: {e}") from e
+        model.load_stream_parameters(weights)
+    else:
+        warnings.warn(
+            f"{weights_file} not found: using freshly initialised (untrained) streams; "
+            "output is unchanged but nothing will be accepted",
+            stacklevel=2,
+        )
+    mx.eval(model.streams.parameters())
+    model.eval()
+    tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt: str | Sequence[int] | mx.array) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt.reshape(-1).astype(mx.int32)
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        add_special = bos is None or not prompt.startswith(bos)
+        return mx.array(tokenizer.encode(prompt, add_special_tokens=add_special), mx.int32)
+    return mx.array(list(prompt), mx.int32)
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could start a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best
+
+
+def stream_generate(
+    model: SpecStreamModel,
+    tokenizer: TokenizerWrapper,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    speculative: bool = True,
+    tree_topk: Sequence[int] | None = None,
+    prune_threshold: float | None = None,
+    stop: Sequence[str] | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate greedily, yielding one ``GenerationResponse`` per token.
+
+    speculative: False runs plain autoregressive decoding in the same runtime.
+    tree_topk: candidates per depth of the product tree (default: the folder's config).
+    prune_threshold: early-exit pruning threshold, 0 disables (default: config).
+    stop: stop strings; generation ends before the first one, which is not emitted."""
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    ids = _encode(tokenizer, prompt)
+    stats = DecodeStats()
+    if speculative:
+        tree = product_tree(tree_topk) if tree_topk is not None else None
+        steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold)
+    else:
+        steps = autoregressive_steps(model, ids, max_tokens, stats)
+    detok = copy.copy(tokenizer.detokenizer)
+    detok.reset()
+    stops = [s for s in (stop or []) if s]
+    eos = set(tokenizer.eos_token_ids)
+    if hasattr(mx, "reset_peak_memory"):
+        mx.reset_peak_memory()
+
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    emitted = 0
+    n, token = 0, -1
+    finish: str | None = None
+    for n, token in enumerate(steps, start=1):
+        if n == 1:
+            prompt_tps = ids.shape[0] / max(time.perf_counter() - tic, 1e-9)
+            tic = time.perf_counter()
+        if token in eos:
+            finish = "stop"
+            break
+        detok.add_token(token)
+        if n >= max_tokens:
+            finish = "length"
+            break
+        text = detok.text
+        end = len(text)
+        if stops:
+            if _find_stop(text, stops) >= 0:
+                break  # the final response below cuts the text at the stop string
+            end -= _stop_holdback(text, stops)
+        if end > emitted:
+            segment, emitted = text[emitted:end], end
+        else:
+            segment = ""
+        yield _response(segment, token, ids, prompt_tps, n, tic, stats, None)
+    detok.finalize()
+    text = detok.text
+    hit = _find_stop(text, stops) if stops else -1
+    if hit >= 0:
+        text, finish = text[:hit], "stop"
+    yield _response(text[emitted:], token, ids, prompt_tps, n, tic, stats, finish or "length")
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _response(segment, token, ids, prompt_tps, n, tic, stats, finish) -> GenerationResponse:
+    elapsed = max(time.perf_counter() - tic, 1e-9)
+    return GenerationResponse(
+        text=segment,
+        token=token,
+        prompt_tokens=int(ids.shape[0]),
+        prompt_tps=prompt_tps,
+        generation_tokens=n,
+        generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
+        peak_memory=mx.get_peak_memory() / 1e9 if hasattr(mx, "get_peak_memory") else 0.0,
+        finish_reason=finish,
+        forward_passes=stats.forward_passes,
+        tokens_per_pass=stats.tokens_per_pass,
+        accepted_per_depth=list(stats.accepted_per_depth),
+    )
+
+
+def generate(
+    model: SpecStreamModel,
+    tokenizer: TokenizerWrapper,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = 256,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate and return the whole text (printing it as it streams when verbose)."""
+    text = ""
+    last = None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        if verbose:
+            print(r.text, end="", flush=True)
+        text += r.text
+        last = r
+    if verbose and last is not None:
+        print()
+        print(format_stats(last))
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens-per-sec\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens-per-sec, "
+        f"{r.tokens_per_pass:.2f} tokens-per-pass ({r.forward_passes} passes)\n"
+        f"Peak memory: {r.peak_memory:.3f} GB"
+    )

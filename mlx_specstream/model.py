@@ -1,0 +1,369 @@
+"""The multi-stream attention (MSA) decoder over mlx-lm's Llama-family modules.
+
+The base model is an mlx-lm ``Model`` (llama, mistral, qwen2, qwen3: they differ only
+by config: attention bias, q/k norms, rope scaling).  Its weights and modules are
+used as they are; this file only changes *how* a pass runs through them:
+
+* every token carries its own rotary position (tree nodes share depths);
+* the caller passes the attention mask over the new tokens (causal or a tree);
+* in the top ``stream_layers`` layers each token chosen by ``stream_rows`` carries
+  ``num_streams`` extra streams ``S[t, j] = M[t] + P[j]``; main and stream queries go
+  through one attention call with one mask.  Main rows never see stream keys, so
+  main-stream outputs equal the plain model's.  Stream (t, j) sees the main keys
+  that t sees, and streams 1..j of t.  Only main keys/values are cached.
+
+A forward is split in ``lower`` (ordinary layers) and ``upper`` (MSA layers) so the
+decoder can prune tree nodes between them with the early-exit logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.activations import swiglu
+
+from .cache import TreeKVCache
+from .config import SUPPORTED_MODEL_TYPES, SpecStreamConfig
+
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+class LoRA(nn.Module):
+    """A low-rank delta ``scale * B A x``; B starts at zero so the delta starts at 0."""
+
+    def __init__(self, in_dims: int, out_dims: int, rank: int, scale: float) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dims)
+        self.a = mx.random.uniform(-bound, bound, (rank, in_dims))
+        self.b = mx.zeros((out_dims, rank))
+        self.scale = scale
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.scale * ((x @ self.a.T) @ self.b.T)
+
+
+def _linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or nn.QuantizedLinear."""
+    w = layer.weight
+    out_dims = w.shape[0]
+    if isinstance(layer, nn.QuantizedLinear):
+        in_dims = w.shape[1] * 32 // layer.bits
+    else:
+        in_dims = w.shape[1]
+    return in_dims, out_dims
+
+
+class StreamParams(nn.Module):
+    """Everything the method adds to a model.
+
+    stream_embeddings: P, (num_streams, hidden)
+    exit_adapter: the rank-r pruning adapter on the main hidden state entering the MSA
+        layers, read out through the model's own final norm and LM head
+    stream_lora: optional per-MSA-layer LoRA adapters applied to stream rows only
+    """
+
+    def __init__(self, base: nn.Module, cfg: SpecStreamConfig) -> None:
+        super().__init__()
+        hidden = base.args.hidden_size
+        self.stream_embeddings = mx.random.normal((cfg.num_streams, hidden)) * 0.02
+        self.exit_adapter = LoRA(hidden, hidden, cfg.adapter_rank, 1.0)
+        self.stream_lora: list[dict[str, LoRA]] = []
+        if cfg.stream_lora_rank > 0:
+            layers = base.model.layers[len(base.model.layers) - cfg.stream_layers :]
+            for layer in layers:
+                d = {}
+                for name in ATTN_TARGETS:
+                    i, o = _linear_dims(getattr(layer.self_attn, name))
+                    d[name] = LoRA(i, o, cfg.stream_lora_rank, cfg.stream_lora_scale)
+                for name in MLP_TARGETS:
+                    i, o = _linear_dims(getattr(layer.mlp, name))
+                    d[name] = LoRA(i, o, cfg.stream_lora_rank, cfg.stream_lora_scale)
+                self.stream_lora.append(d)
+
+
+def init_stream_params(base: nn.Module, cfg: SpecStreamConfig, seed: int = 0) -> dict[str, mx.array]:
+    """Freshly initialised stream parameters for ``base``, as a flat name -> array dict."""
+    state = mx.random.state[0]
+    mx.random.seed(seed)
+    try:
+        params = StreamParams(base, cfg)
+        flat = dict(tree_flatten(params.parameters()))
+    finally:
+        mx.random.state[0] = state
+    dtype = base.model.norm.weight.dtype
+    return {k: v.astype(dtype) for k, v in flat.items()}
+
+
+def _check_supported(base: nn.Module) -> None:
+    model_type = getattr(base, "model_type", None) or getattr(base.args, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"architecture '{model_type}' is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    layer = base.model.layers[0]
+    for name in ATTN_TARGETS:
+        if not hasattr(layer.self_attn, name):
+            raise ValueError(f"architecture '{model_type}': attention has no {name}")
+    if getattr(base.args, "sliding_window", None) and "sliding_attention" in (
+        getattr(base.args, "layer_types", None) or []
+    ):
+        raise ValueError("sliding-window attention layers are not supported")
+
+
+def _with_lora(linear: nn.Module, x: mx.array, lora: LoRA | None, n_main: int) -> mx.array:
+    """``linear(x)`` with the LoRA delta added to the stream rows (rows >= n_main) only."""
+    y = linear(x)
+    if lora is None or x.shape[1] == n_main:
+        return y
+    delta = lora(x[:, n_main:])
+    return mx.concatenate([y[:, :n_main], y[:, n_main:] + delta], axis=1)
+
+
+def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
+    """Rotary embedding with one position per token.  x: (B, L, H, D), positions: (B, L).
+
+    Tokens go onto the batch axis, where mx.fast.rope takes one offset per row."""
+    B, L, H, D = x.shape
+    y = rope(x.reshape(B * L, H, 1, D), offset=positions.reshape(-1))
+    return y.reshape(B, L, H, D)
+
+
+def build_msa_mask(
+    new_mask: mx.array, cached: int, stream_rows: mx.array | None, num_streams: int
+) -> mx.array:
+    """The one boolean mask of a fused MSA layer.
+
+    new_mask: (Lm, Lm) which new main tokens each new main token sees (causal / tree).
+    Rows: Lm main queries, then S * num_streams stream queries ordered (s, j).
+    Columns: ``cached`` committed positions, Lm new main keys, the stream keys."""
+    Lm = new_mask.shape[0]
+    parts_main = [new_mask]
+    if stream_rows is None:
+        if cached:
+            parts_main.insert(0, mx.ones((Lm, cached), dtype=mx.bool_))
+        return mx.concatenate(parts_main, axis=1) if cached else new_mask
+    S = stream_rows.shape[0]
+    Ls = S * num_streams
+    sid = mx.arange(Ls) // num_streams
+    jid = mx.arange(Ls) % num_streams
+    stream_main = mx.repeat(new_mask[stream_rows], num_streams, axis=0)
+    stream_stream = (sid[:, None] == sid[None, :]) & (jid[None, :] <= jid[:, None])
+    main = [new_mask, mx.zeros((Lm, Ls), dtype=mx.bool_)]
+    streams = [stream_main, stream_stream]
+    if cached:
+        main.insert(0, mx.ones((Lm, cached), dtype=mx.bool_))
+        streams.insert(0, mx.ones((Ls, cached), dtype=mx.bool_))
+    return mx.concatenate([mx.concatenate(main, axis=1), mx.concatenate(streams, axis=1)], axis=0)
+
+
+def causal_mask(n: int) -> mx.array:
+    idx = mx.arange(n)
+    return idx[:, None] >= idx[None, :]
+
+
+class SpecStreamModel(nn.Module):
+    """(tokens, positions, mask, cache) -> main logits, stream hidden states, early-exit logits."""
+
+    def __init__(self, base: nn.Module, cfg: SpecStreamConfig) -> None:
+        super().__init__()
+        _check_supported(base)
+        cfg.validate(len(base.model.layers))
+        self.base = base
+        self.cfg = cfg
+        self.streams = StreamParams(base, cfg)
+        self.num_layers = len(base.model.layers)
+        self.split = self.num_layers - cfg.stream_layers
+
+    # -- pieces ----------------------------------------------------------------
+    @property
+    def args(self):
+        return self.base.args
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.base.model.layers
+
+    def make_cache(self, max_size: int | None = None) -> TreeKVCache:
+        return TreeKVCache(self.num_layers, max_size=max_size)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm and LM head (shared by the main stream, the streams and early exit)."""
+        h = self.base.model.norm(h)
+        if self.base.args.tie_word_embeddings:
+            return self.base.model.embed_tokens.as_linear(h)
+        return self.base.lm_head(h)
+
+    def exit_logits(self, h: mx.array) -> mx.array:
+        """Early-exit logits of the pruning adapter from hidden states entering the MSA layers."""
+        return self.head(h + self.streams.exit_adapter(h))
+
+    def stream_logits(self, stream_hidden: mx.array) -> mx.array:
+        return self.head(stream_hidden)
+
+    def _layer(
+        self,
+        index: int,
+        x: mx.array,
+        positions: mx.array,
+        mask: mx.array | str | None,
+        cache: TreeKVCache | None,
+        n_main: int,
+    ) -> mx.array:
+        layer = self.layers[index]
+        attn = layer.self_attn
+        lora = None
+        if self.streams.stream_lora and index >= self.split:
+            lora = self.streams.stream_lora[index - self.split]
+        B, L, _ = x.shape
+
+        h = layer.input_layernorm(x)
+        q = _with_lora(attn.q_proj, h, lora and lora["q_proj"], n_main)
+        k = _with_lora(attn.k_proj, h, lora and lora["k_proj"], n_main)
+        v = _with_lora(attn.v_proj, h, lora and lora["v_proj"], n_main)
+        q = q.reshape(B, L, attn.n_heads, -1)
+        k = k.reshape(B, L, attn.n_kv_heads, -1)
+        v = v.reshape(B, L, attn.n_kv_heads, -1)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+            k = attn.k_norm(k)
+        q = _rope(attn.rope, q, positions).transpose(0, 2, 1, 3)
+        k = _rope(attn.rope, k, positions).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            km, vm = cache.write(index, k[:, :, :n_main], v[:, :, :n_main])
+            if L > n_main:
+                km = mx.concatenate([km, k[:, :, n_main:]], axis=2)
+                vm = mx.concatenate([vm, v[:, :, n_main:]], axis=2)
+            k, v = km, vm
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+        o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        x = x + _with_lora(attn.o_proj, o, lora and lora["o_proj"], n_main)
+
+        h = layer.post_attention_layernorm(x)
+        mlp = layer.mlp
+        if lora is None or L == n_main:
+            return x + mlp(h)
+        g = _with_lora(mlp.gate_proj, h, lora["gate_proj"], n_main)
+        u = _with_lora(mlp.up_proj, h, lora["up_proj"], n_main)
+        return x + _with_lora(mlp.down_proj, swiglu(g, u), lora["down_proj"], n_main)
+
+    # -- the forward ---------------------------------------------------------------
+    @staticmethod
+    def _positions(positions: mx.array, B: int) -> mx.array:
+        positions = positions.astype(mx.int32)
+        if positions.ndim == 1:
+            positions = mx.broadcast_to(positions[None], (B, positions.shape[0]))
+        return positions
+
+    def _mask(self, new_mask: mx.array | None, cache: TreeKVCache | None, L: int):
+        """Mask for main-only layers. None means causal over the new tokens."""
+        cached = cache.offset if cache is not None else 0
+        if new_mask is None:
+            return None if L == 1 else "causal"
+        return build_msa_mask(new_mask, cached, None, 0)
+
+    def lower(
+        self,
+        tokens: mx.array,
+        positions: mx.array,
+        mask: mx.array | None = None,
+        cache: TreeKVCache | None = None,
+    ) -> mx.array:
+        """Embed and run the ordinary layers 0 .. split-1.  tokens: (B, L)."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        B, L = tokens.shape
+        positions = self._positions(positions, B)
+        x = self.base.model.embed_tokens(tokens)
+        m = self._mask(mask, cache, L)
+        for i in range(self.split):
+            x = self._layer(i, x, positions, m, cache, L)
+        return x
+
+    def upper(
+        self,
+        h: mx.array,
+        positions: mx.array,
+        mask: mx.array | None = None,
+        cache: TreeKVCache | None = None,
+        stream_rows: mx.array | None = None,
+        with_streams: bool = True,
+    ) -> tuple[mx.array, mx.array | None]:
+        """Run the MSA layers.  Returns main logits (B, L, V) and the normalised-free
+        stream hidden states (B, S, num_streams, hidden) of the tokens in ``stream_rows``
+        (all tokens when None), or None when ``with_streams`` is False."""
+        B, L, D = h.shape
+        positions = self._positions(positions, B)
+        n_main = L
+        if with_streams:
+            g = self.cfg.num_streams
+            rows = mx.arange(L) if stream_rows is None else stream_rows.astype(mx.int32)
+            S = rows.shape[0]
+            streams = h[:, rows][:, :, None, :] + self.streams.stream_embeddings
+            x = mx.concatenate([h, streams.reshape(B, S * g, D)], axis=1)
+            pos = mx.concatenate([positions, mx.repeat(positions[:, rows], g, axis=1)], axis=1)
+            new_mask = causal_mask(L) if mask is None else mask
+            cached = cache.offset if cache is not None else 0
+            m = build_msa_mask(new_mask, cached, rows, g)
+        else:
+            x, pos, m = h, positions, self._mask(mask, cache, L)
+        for i in range(self.split, self.num_layers):
+            x = self._layer(i, x, pos, m, cache, n_main)
+        main_logits = self.head(x[:, :n_main])
+        if not with_streams:
+            return main_logits, None
+        return main_logits, x[:, n_main:].reshape(B, S, self.cfg.num_streams, D)
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        positions: mx.array | None = None,
+        mask: mx.array | None = None,
+        cache: TreeKVCache | None = None,
+        stream_rows: mx.array | None = None,
+        with_streams: bool = True,
+        with_exit: bool = False,
+    ) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """One pass.  Returns (main logits (B, L, V), stream logits (B, S, g, V) or None,
+        early-exit logits (B, L, V) or None)."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        L = tokens.shape[1]
+        if positions is None:
+            start = cache.offset if cache is not None else 0
+            positions = mx.arange(start, start + L)
+        h = self.lower(tokens, positions, mask, cache)
+        exit_logits = self.exit_logits(h) if with_exit else None
+        main, sh = self.upper(h, positions, mask, cache, stream_rows, with_streams)
+        stream_logits = self.stream_logits(sh) if sh is not None else None
+        return main, stream_logits, exit_logits
+
+    # -- parameters ----------------------------------------------------------------
+    def stream_parameters(self) -> dict[str, mx.array]:
+        return dict(tree_flatten(self.streams.parameters()))
+
+    def load_stream_parameters(self, weights: dict[str, mx.array], strict: bool = True) -> None:
+        own = self.stream_parameters()
+        if strict:
+            missing = sorted(set(own) - set(weights))
+            extra = sorted(set(weights) - set(own))
+            if missing or extra:
+                raise ValueError(
+                    f"stream parameters do not match the config: missing {missing[:5]}, "
+                    f"unexpected {extra[:5]}"
+                )
+        for name, w in weights.items():
+            if name in own and tuple(own[name].shape) != tuple(w.shape):
+                raise ValueError(
+                    f"stream parameter '{name}' has shape {tuple(w.shape)}, "
+                    f"expected {tuple(own[name].shape)}"
+                )
+        dtype = self.base.model.norm.weight.dtype
+        self.streams.update(
+            tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items() if k in own])
+        )

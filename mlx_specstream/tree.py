@@ -1,0 +1,132 @@
+"""Draft trees as pure array code: shape, flattening, pruning, greedy acceptance.
+
+A node at depth d >= 1 carries the token of rank ``rank`` among the top-k of stream d
+at the host position (the last accepted token); the root (node 0, depth 0) is the
+token the main stream already chose.  In the paper's *product* tree every depth-d
+node has the same ``k_{d+1}`` children.  Nodes are stored breadth first, so parents
+come before children and a tree keeps that order under pruning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tree:
+    parent: np.ndarray  # (n,) int, -1 for the root
+    depth: np.ndarray  # (n,) int, 0 for the root
+    rank: np.ndarray  # (n,) int, rank of the node's token among its stream's top-k
+    kmax: int  # number of candidates per stream the tree draws from
+    children: tuple[tuple[int, ...], ...] = field(repr=False)
+    mask: np.ndarray = field(repr=False)  # (n, n) bool: node i sees node j (ancestor or self)
+
+    @property
+    def size(self) -> int:
+        return int(self.parent.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    @property
+    def gather_index(self) -> np.ndarray:
+        """For nodes 1..n-1: index into the flattened (num_streams, kmax) candidates."""
+        return (self.depth[1:] - 1) * self.kmax + self.rank[1:]
+
+
+def make_tree(parent: Sequence[int], depth: Sequence[int], rank: Sequence[int]) -> Tree:
+    parent_a = np.asarray(parent, dtype=np.int64)
+    depth_a = np.asarray(depth, dtype=np.int64)
+    rank_a = np.asarray(rank, dtype=np.int64)
+    n = parent_a.shape[0]
+    if n == 0 or parent_a[0] != -1 or depth_a[0] != 0:
+        raise ValueError("node 0 must be the root (parent -1, depth 0)")
+    children: list[list[int]] = [[] for _ in range(n)]
+    mask = np.zeros((n, n), dtype=bool)
+    mask[0, 0] = True
+    for i in range(1, n):
+        p = int(parent_a[i])
+        if not 0 <= p < i:
+            raise ValueError(f"node {i}: parent {p} must come before it")
+        if depth_a[i] != depth_a[p] + 1:
+            raise ValueError(f"node {i}: depth {depth_a[i]} is not its parent's + 1")
+        children[p].append(i)
+        mask[i] = mask[p]
+        mask[i, i] = True
+    kmax = int(rank_a.max()) + 1 if n > 1 else 1
+    return Tree(
+        parent=parent_a,
+        depth=depth_a,
+        rank=rank_a,
+        kmax=kmax,
+        children=tuple(tuple(c) for c in children),
+        mask=mask,
+    )
+
+
+def product_tree(topk: Sequence[int]) -> Tree:
+    """The paper's tree: top-k_d of stream d under every depth-(d-1) node.
+
+    Size 1 + k1 + k1*k2 + ...; ``topk=[]`` gives the root alone (autoregressive)."""
+    parent, depth, rank = [-1], [0], [0]
+    frontier = [0]
+    for d, k in enumerate(topk, start=1):
+        nxt = []
+        for p in frontier:
+            for r in range(int(k)):
+                parent.append(p)
+                depth.append(d)
+                rank.append(r)
+                nxt.append(len(parent) - 1)
+        frontier = nxt
+    return make_tree(parent, depth, rank)
+
+
+def subtree(tree: Tree, keep: np.ndarray) -> Tree:
+    """The tree restricted to ``keep`` (sorted node ids, closed under ancestors)."""
+    keep = np.asarray(keep, dtype=np.int64)
+    remap = -np.ones(tree.size, dtype=np.int64)
+    remap[keep] = np.arange(keep.shape[0])
+    parent = np.where(tree.parent[keep] >= 0, remap[tree.parent[keep]], -1)
+    t = make_tree(parent, tree.depth[keep], tree.rank[keep])
+    return Tree(t.parent, t.depth, t.rank, tree.kmax, t.children, t.mask)
+
+
+def prune(tree: Tree, child_prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Node ids kept by parallel pruning: a node survives if its early-exit probability
+    (of its token given its parent) is >= threshold and its parent survives.
+
+    child_prob: (n,) probabilities; entry 0 (the root) is ignored."""
+    n = tree.size
+    keep = np.zeros(n, dtype=bool)
+    keep[0] = True
+    if threshold <= 0.0:
+        keep[:] = True
+    else:
+        for i in range(1, n):
+            keep[i] = keep[tree.parent[i]] and child_prob[i] >= threshold
+    return np.nonzero(keep)[0]
+
+
+def accept_greedy(tree: Tree, tokens: np.ndarray, predicted: np.ndarray) -> list[int]:
+    """Longest root-to-leaf path whose every step matches the main stream's argmax.
+
+    tokens[i]: the token at node i; predicted[i]: the main stream's argmax after node i.
+    Returns the node ids of the accepted path, starting with the root."""
+    path = [0]
+    cur = 0
+    while True:
+        want = predicted[cur]
+        nxt = -1
+        for c in tree.children[cur]:
+            if tokens[c] == want:
+                nxt = c
+                break
+        if nxt < 0:
+            return path
+        path.append(nxt)
+        cur = nxt
