@@ -1,0 +1,199 @@
+"""The decode loop: lossless against mlx-lm, and tree / pruning / commit logic with a
+fake model whose streams are perfect or always wrong."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from tinymodels import tiny_model
+
+from mlx_specstream.cache import TreeKVCache
+from mlx_specstream.config import SpecStreamConfig
+from mlx_specstream.decode import DecodeStats, autoregressive_steps, speculative_steps
+from mlx_specstream.tree import product_tree
+
+PROMPT = mx.array([1, 5, 7, 9, 11, 2, 3])
+
+
+def mlx_lm_greedy(base, prompt: mx.array, n: int) -> list[int]:
+    out = []
+    for tok, _ in generate_step(prompt, base, max_tokens=n):
+        out.append(int(tok))
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("topk", [[3, 2, 1], [1, 1, 1], [4], [2, 2]])
+@pytest.mark.parametrize("threshold", [0.0, 0.02])
+def test_speculative_equals_mlx_lm_greedy(model_type, topk, threshold) -> None:
+    model = tiny_model(model_type, lora_rank=4, random_lora=True)
+    ref = mlx_lm_greedy(model.base, PROMPT, 40)
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 40, stats, product_tree(topk), threshold))
+    assert out == ref
+    assert stats.forward_passes >= 1
+
+
+def test_autoregressive_mode_equals_mlx_lm() -> None:
+    model = tiny_model("llama")
+    ref = mlx_lm_greedy(model.base, PROMPT, 30)
+    stats = DecodeStats()
+    assert list(autoregressive_steps(model, PROMPT, 30, stats)) == ref
+    assert stats.tokens_per_pass == 1.0
+
+
+def test_deep_acceptance_on_a_real_model_stays_lossless() -> None:
+    """A model with weak weights repeats itself, so untrained streams (~ main) get
+    accepted at every depth: exercises multi-token commits on the real cache."""
+    from tinymodels import tiny_base
+
+    from mlx_specstream.model import SpecStreamModel
+
+    base = tiny_base("llama", seed=3, spread=0.02)
+    model = SpecStreamModel(base, SpecStreamConfig(num_streams=3, stream_layers=2))
+    ref = mlx_lm_greedy(base, PROMPT, 41)
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 41, stats))
+    assert out == ref
+    assert stats.tokens_per_pass > 1.5
+
+
+def test_long_prompt_prefill_in_chunks() -> None:
+    model = tiny_model("llama")
+    prompt = mx.array(np.random.default_rng(0).integers(0, 64, 700).astype(np.int32))
+    ref = mlx_lm_greedy(model.base, prompt, 10)
+    assert list(speculative_steps(model, prompt, 10, DecodeStats())) == ref
+
+
+def test_prompt_longer_than_context_is_a_clear_error() -> None:
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="context"):
+        list(speculative_steps(model, mx.zeros((1100,), mx.int32), 5, DecodeStats()))
+    with pytest.raises(ValueError, match="empty"):
+        list(speculative_steps(model, mx.zeros((0,), mx.int32), 5, DecodeStats()))
+
+
+# --- a fake model: token t is always followed by succ(t) -----------------------------
+
+V = 50
+
+
+def succ(t: int) -> int:
+    return (7 * t + 3) % V
+
+
+class FakeModel:
+    """Speaks SpecStreamModel's interface.  Hidden states carry token ids; keys carry
+    token ids too, so the cache content can be checked against the output."""
+
+    def __init__(self, gamma: int, topk: list[int], streams_right: bool, exit_probs: str):
+        self.cfg = SpecStreamConfig(num_streams=gamma, stream_layers=1, tree_topk=topk)
+        self.args = SimpleNamespace(max_position_embeddings=4096)
+        self.num_layers, self.split = 2, 1
+        self.streams_right = streams_right
+        self.exit_probs = exit_probs  # "uniform" or "peaked"
+
+    def make_cache(self, max_size=None) -> TreeKVCache:
+        self.cache = TreeKVCache(self.num_layers, max_size)
+        return self.cache
+
+    @staticmethod
+    def _onehot(ids: mx.array) -> mx.array:
+        return (mx.arange(V) == ids[..., None]).astype(mx.float32) * 10.0
+
+    def _write(self, layer, h, cache) -> None:
+        if cache is not None:
+            k = h[0].reshape(1, 1, -1, 1)
+            cache.write(layer, k, k)
+
+    def lower(self, tokens, positions, mask=None, cache=None):
+        h = tokens.reshape(1, -1).astype(mx.float32)
+        self._write(0, h, cache)
+        return h
+
+    def exit_logits(self, h):
+        if self.exit_probs == "uniform":
+            return mx.zeros(h.shape + (V,))
+        nxt = (7 * h.astype(mx.int32) + 3) % V
+        return self._onehot(nxt)
+
+    def upper(self, h, positions, mask=None, cache=None, stream_rows=None, with_streams=True):
+        self._write(1, h, cache)
+        ids = h.astype(mx.int32)
+        main = self._onehot((7 * ids + 3) % V)
+        if not with_streams:
+            return main, None
+        rows = ids if stream_rows is None else ids[:, stream_rows]
+        outs, cur = [], rows
+        for _ in range(self.cfg.num_streams):
+            cur = (7 * cur + 3) % V
+            outs.append(cur)
+        st = mx.stack(outs[1:] + [(7 * cur + 3) % V], axis=-1)  # stream j -> t+1+j
+        if not self.streams_right:
+            st = (st + 1) % V
+        return main, st.astype(mx.float32)[..., None]
+
+    def stream_logits(self, sh):
+        ids = sh[..., 0].astype(mx.int32)
+        logits = self._onehot(ids)
+        if not self.streams_right:  # the true token ranks last, never in any top-k
+            logits = logits - 2.0 * self._onehot((ids - 1) % V)
+        return logits
+
+
+def truth(prompt_last: int, n: int) -> list[int]:
+    out, t = [], prompt_last
+    for _ in range(n):
+        t = succ(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("gamma,topk", [(3, [3, 2, 1]), (4, [2, 2, 1, 1]), (2, [1, 1])])
+def test_perfect_streams_give_one_plus_gamma_tokens_per_pass(gamma, topk) -> None:
+    model = FakeModel(gamma, topk, streams_right=True, exit_probs="uniform")
+    steps = 7
+    n = 1 + steps * (1 + gamma)
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, n, stats))
+    assert out == truth(3, n)
+    assert stats.forward_passes == steps
+    assert stats.tokens_per_pass == 1 + gamma
+    assert stats.accepted_per_depth == [steps] * gamma
+    # the cache holds exactly prompt + accepted tokens (the last step's are committed too)
+    committed = model.cache.offset
+    assert committed == PROMPT.shape[0] + n - 1
+    for layer in range(2):
+        keys = np.array(model.cache.keys[layer][0, 0, :committed, 0]).astype(int).tolist()
+        assert keys == PROMPT.tolist() + out[:-1]
+
+
+def test_wrong_streams_give_one_token_per_pass() -> None:
+    model = FakeModel(3, [3, 2, 1], streams_right=False, exit_probs="uniform")
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 20, stats))
+    assert out == truth(3, 20)
+    assert stats.tokens_per_pass == 1.0
+    assert stats.accepted_per_depth == [0, 0, 0]
+
+
+def test_pruning_above_every_probability_collapses_to_the_root() -> None:
+    model = FakeModel(3, [3, 2, 1], streams_right=True, exit_probs="uniform")
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 20, stats, prune_threshold=0.5))
+    assert out == truth(3, 20)
+    assert stats.tokens_per_pass == 1.0
+    assert stats.tree_nodes == stats.forward_passes  # root only
+
+
+def test_pruning_keeps_confident_paths() -> None:
+    model = FakeModel(3, [3, 2, 1], streams_right=True, exit_probs="peaked")
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 1 + 5 * 4, stats, prune_threshold=0.5))
+    assert out == truth(3, 21)
+    assert stats.tokens_per_pass == 4.0
+    assert stats.tree_nodes == 4 * stats.forward_passes  # one chain survives
