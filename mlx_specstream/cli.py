@@ -30,7 +30,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def _available() -> dict[str, tuple[str, str]]:
     out = {}
     for name, (mod, help_) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(mod) is not None:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
             out[name] = (mod, help_)
     return out
 

@@ -24,6 +24,8 @@ class SpecStreamConfig:
     adapter_rank: rank of the pruning (early-exit) adapter.
     stream_lora_rank: rank of the stream-only LoRA adapters in the MSA layers (0: none).
     stream_lora_scale: LoRA scale (alpha / rank).
+    tree_paths: a calibrated tree as rank paths (see tree.tree_from_paths); when set it
+        replaces the product tree of ``tree_topk`` (`mlx-specstream calibrate` writes it).
     """
 
     num_streams: int = 3
@@ -33,6 +35,7 @@ class SpecStreamConfig:
     adapter_rank: int = 8
     stream_lora_rank: int = 0
     stream_lora_scale: float = 2.0
+    tree_paths: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +61,10 @@ class SpecStreamConfig:
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
         self.tree_topk = [int(k) for k in self.tree_topk]
+        if self.tree_paths is not None:
+            self.tree_paths = [[int(r) for r in p] for p in self.tree_paths]
+            if any(len(p) > self.num_streams or min(p, default=0) < 0 for p in self.tree_paths):
+                raise ValueError("tree_paths must be rank paths no deeper than num_streams")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SpecStreamConfig:

@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from .model import SpecStreamModel
-from .tree import Tree, accept_greedy, product_tree, prune, subtree
+from .config import SpecStreamConfig
+from .tree import Tree, accept_greedy, product_tree, prune, subtree, tree_from_paths
 
 
 @dataclass
@@ -45,6 +46,13 @@ def _topk_indices(logits: mx.array, k: int) -> mx.array:
     vals = mx.take_along_axis(logits, part, axis=-1)
     order = mx.argsort(-vals, axis=-1)
     return mx.take_along_axis(part, order, axis=-1)
+
+
+def default_tree(cfg: SpecStreamConfig) -> Tree:
+    """The calibrated tree when the config has one, else the product tree."""
+    if cfg.tree_paths:
+        return tree_from_paths(cfg.tree_paths)
+    return product_tree(cfg.tree_topk)
 
 
 def check_context(model: SpecStreamModel, prompt_len: int, max_tokens: int) -> int:
@@ -133,7 +141,7 @@ def speculative_steps(
 ) -> Iterator[int]:
     """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding."""
     cfg = model.cfg
-    tree = tree if tree is not None else product_tree(cfg.tree_topk)
+    tree = tree if tree is not None else default_tree(cfg)
     if tree.max_depth > cfg.num_streams:
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold

@@ -86,16 +86,24 @@ class StreamParams(nn.Module):
 
 
 def init_stream_params(base: nn.Module, cfg: SpecStreamConfig, seed: int = 0) -> dict[str, mx.array]:
-    """Freshly initialised stream parameters for ``base``, as a flat name -> array dict."""
-    state = mx.random.state[0]
-    mx.random.seed(seed)
-    try:
-        params = StreamParams(base, cfg)
-        flat = dict(tree_flatten(params.parameters()))
-    finally:
-        mx.random.state[0] = state
+    """Freshly initialised stream parameters for ``base``, as a flat name -> array dict.
+
+    Deterministic in ``seed`` and independent of MLX's global random state."""
+    flat = dict(tree_flatten(StreamParams(base, cfg).parameters()))
+    key = mx.random.key(seed)
+    out = {}
+    for name in sorted(flat):
+        key, sub = mx.random.split(key)
+        shape = flat[name].shape
+        if name == "stream_embeddings":
+            out[name] = mx.random.normal(shape, key=sub) * 0.02
+        elif name.endswith(".a"):
+            bound = 1.0 / math.sqrt(shape[1])
+            out[name] = mx.random.uniform(-bound, bound, shape, key=sub)
+        else:  # LoRA up-projections start at zero: the adapters start as the identity
+            out[name] = mx.zeros(shape)
     dtype = base.model.norm.weight.dtype
-    return {k: v.astype(dtype) for k, v in flat.items()}
+    return {k: v.astype(dtype) for k, v in out.items()}
 
 
 def _check_supported(base: nn.Module) -> None:

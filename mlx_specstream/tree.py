@@ -130,3 +130,48 @@ def accept_greedy(tree: Tree, tokens: np.ndarray, predicted: np.ndarray) -> list
             return path
         path.append(nxt)
         cur = nxt
+
+
+def tree_from_paths(paths: Sequence[Sequence[int]]) -> Tree:
+    """A tree from rank paths: (r1, ..., rd) is the node reached by taking stream 1's
+    rank-r1 candidate, then stream 2's rank-r2 candidate, ...  Every prefix of a path
+    must be a path too (the root, (), is implicit)."""
+    uniq = sorted({tuple(int(r) for r in p) for p in paths if len(p) > 0},
+                  key=lambda p: (len(p), p))
+    index: dict[tuple[int, ...], int] = {(): 0}
+    parent, depth, rank = [-1], [0], [0]
+    for p in uniq:
+        if p[:-1] not in index:
+            raise ValueError(f"path {list(p)} has no parent path {list(p[:-1])}")
+        index[p] = len(parent)
+        parent.append(index[p[:-1]])
+        depth.append(len(p))
+        rank.append(p[-1])
+    return make_tree(parent, depth, rank)
+
+
+def tree_paths(tree: Tree) -> list[list[int]]:
+    """The rank paths of a tree's nodes (root excluded), the inverse of tree_from_paths."""
+    paths: list[list[int]] = [[]]
+    for i in range(1, tree.size):
+        paths.append(paths[int(tree.parent[i])] + [int(tree.rank[i])])
+    return paths[1:]
+
+
+def best_paths(path_prob: dict[tuple[int, ...], float], size: int) -> list[tuple[int, ...]]:
+    """The ``size - 1`` rank paths of highest acceptance probability.
+
+    The expected number of accepted drafts of a tree is the sum over its nodes of the
+    probability that the node's whole path is right; a path is never more probable
+    than its prefix, so the top paths are closed under prefixes (ties broken by
+    length) and form the best tree of that size."""
+    ranked = sorted(path_prob.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))
+    chosen: list[tuple[int, ...]] = []
+    have: set[tuple[int, ...]] = {()}
+    for p, _ in ranked:
+        if len(chosen) >= size - 1:
+            break
+        if p[:-1] in have:
+            chosen.append(p)
+            have.add(p)
+    return chosen

@@ -1,0 +1,201 @@
+"""Speculative Streaming against mlx-lm's autoregressive generate, in one run.
+
+    python benchmarks/bench_decode.py [--model PATH] [--prompts 10] [--max-tokens 128]
+
+Every method decodes the same chat prompts greedily on the same machine; prompts are
+interleaved (each prompt runs every method before the next prompt) so that drift of the
+machine hits all methods alike.  Prints a table (tokens/s, ratio to mlx-lm, tokens per
+forward pass, whether the output equals mlx-lm's) and writes JSON + PNG to
+benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load as mlx_lm_load
+
+from mlx_specstream import load, stream_generate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    seconds: float  # from the first generated token to the last (decode time)
+    passes: int  # forward passes after the prefill
+
+
+@dataclass
+class Row:
+    method: str
+    tokens: int = 0
+    seconds: float = 0.0
+    passes: int = 0
+    identical: int = 0
+    prompts: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / self.passes if self.passes else 0.0
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    from mlx_specstream.training.data import heldout_prompts
+
+    out = []
+    for text in heldout_prompts(n):
+        msgs = [{"role": "user", "content": text}]
+        out.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+    return out
+
+
+def run_mlx_lm(model, eos: set[int]) -> Callable[[list[int], int], Run]:
+    def go(ids: list[int], n: int) -> Run:
+        toks: list[int] = []
+        t0 = None
+        for tok, _ in generate_step(mx.array(ids), model, max_tokens=n):
+            tok = int(tok)
+            if t0 is None:
+                t0 = time.perf_counter()
+            if tok in eos:
+                break
+            toks.append(tok)
+        return Run(toks, time.perf_counter() - t0, max(len(toks) - 1, 0))
+
+    return go
+
+
+def run_ours(model, tokenizer, **opts) -> Callable[[list[int], int], Run]:
+    def go(ids: list[int], n: int) -> Run:
+        toks: list[int] = []
+        t0 = None
+        last = None
+        for r in stream_generate(model, tokenizer, ids, n, **opts):
+            if t0 is None:
+                t0 = time.perf_counter()
+            last = r
+            if r.token not in tokenizer.eos_token_ids:
+                toks.append(r.token)
+        return Run(toks, time.perf_counter() - t0, last.forward_passes if last else 0)
+
+    return go
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r.method for r in rows]
+    ax[0].barh(names, [r.tps for r in rows], color="tab:blue")
+    ax[0].set_xlabel("tokens / s")
+    ax[0].invert_yaxis()
+    ax[1].barh(names, [r.tokens_per_pass for r in rows], color="tab:orange")
+    ax[1].set_xlabel("tokens per forward pass")
+    ax[1].invert_yaxis()
+    ax[1].set_yticklabels([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder (default: the default model)")
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--tree-topk", action="append", default=None,
+                   help="extra product trees to time, e.g. 3,2,1 (repeatable)")
+    p.add_argument("--prune-threshold", type=float, default=None)
+    p.add_argument("--tag", default="decode")
+    args = p.parse_args(argv)
+
+    model, tokenizer = load(args.model)
+    folder = args.model
+    if folder is None:
+        from mlx_specstream.default_model import default_model_path
+
+        folder = str(default_model_path())
+    ref_model, _ = mlx_lm_load(folder)
+    eos = set(tokenizer.eos_token_ids)
+    prompts = chat_prompts(tokenizer, args.prompts)
+
+    methods: dict[str, Callable[[list[int], int], Run]] = {
+        "mlx-lm autoregressive": run_mlx_lm(ref_model, eos),
+        "ours autoregressive": run_ours(model, tokenizer, speculative=False),
+        f"SS tree {model.cfg.tree_topk}": run_ours(model, tokenizer),
+    }
+    if args.prune_threshold:
+        methods[f"SS tree {model.cfg.tree_topk} prune {args.prune_threshold}"] = run_ours(
+            model, tokenizer, prune_threshold=args.prune_threshold)
+    for spec in args.tree_topk or []:
+        topk = [int(x) for x in spec.split(",")]
+        methods[f"SS tree {topk}"] = run_ours(model, tokenizer, tree_topk=topk)
+
+    rows = {name: Row(name) for name in methods}
+    # warm-up (allocations, first-call costs)
+    for go in methods.values():
+        go(prompts[0][:32], 8)
+    for i, ids in enumerate(prompts):
+        ref = None
+        for name, go in methods.items():
+            r = go(ids, args.max_tokens)
+            if ref is None:
+                ref = r.tokens
+            row = rows[name]
+            row.prompts += 1
+            row.tokens += max(len(r.tokens) - 1, 0)  # the first token comes from the prefill
+            row.seconds += r.seconds
+            row.passes += r.passes
+            row.identical += int(r.tokens == ref)
+        print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
+
+    base_tps = rows["mlx-lm autoregressive"].tps
+    lines = [
+        f"| method | tokens/s | vs mlx-lm | tokens/pass | output = mlx-lm |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        lines.append(
+            f"| {r.method} | {r.tps:.2f} | {r.tps / base_tps:.2f}x | {r.tokens_per_pass:.2f} | "
+            f"{r.identical}/{r.prompts} |"
+        )
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"{args.prompts} held-out chitchat prompts x {args.max_tokens} tokens, greedy, "
+              f"{folder}, {machine}, {mx.default_device()}, {stamp}")
+    print(header)
+    print("\n".join(lines))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(
+        {"header": header, "rows": [asdict(r) | {"tps": r.tps, "tokens_per_pass":
+                                                 r.tokens_per_pass} for r in rows.values()]},
+        indent=2))
+    (RESULTS / f"{args.tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    plot(list(rows.values()), RESULTS / f"{args.tag}.png", header)
+    print(f"wrote {RESULTS / args.tag}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

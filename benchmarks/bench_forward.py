@@ -1,0 +1,87 @@
+"""Time one forward pass: mlx-lm's and ours, by number of new tokens, with and without
+streams, after a prompt of fixed length.
+
+    python benchmarks/bench_forward.py [--model PATH] [--context 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import load as mlx_lm_load
+
+from mlx_specstream import load
+from mlx_specstream.model import causal_mask
+
+
+def timeit(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--sizes", default="1,4,8,16,32,64")
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    model, _ = load(args.model)
+    folder = args.model
+    if folder is None:
+        from mlx_specstream.default_model import default_model_path
+
+        folder = str(default_model_path())
+    ref, _ = mlx_lm_load(folder)
+    ctx = mx.random.randint(0, model.args.vocab_size, (args.context,))
+
+    ref_cache = make_prompt_cache(ref)
+    mx.eval(ref(ctx[None], cache=ref_cache))
+    cache = model.make_cache()
+    model(ctx, cache=cache, with_streams=False)
+    cache.commit()
+    mx.eval(cache.state_arrays())
+
+    print(f"{'tokens':>6} | {'mlx-lm ms':>9} | {'ours ms':>8} | {'ours+streams ms':>15} | "
+          f"{'x 1-token':>9}")
+    base1 = None
+    for n in [int(s) for s in args.sizes.split(",")]:
+        toks = mx.random.randint(0, model.args.vocab_size, (1, n))
+
+        def ref_pass():
+            mx.eval(ref(toks, cache=ref_cache))
+            trim_prompt_cache(ref_cache, n)
+
+        def ours(with_streams: bool):
+            def f():
+                off = cache.offset
+                pos = mx.arange(off, off + n)
+                mask = causal_mask(n) if n > 1 else None
+                h = model.lower(toks, pos, mask, cache)
+                main, sh = model.upper(h, pos, mask, cache, None, with_streams)
+                # the decoder reads out only the accepted node's streams: one row
+                mx.eval(main, model.stream_logits(sh[:, -1]) if sh is not None else main)
+                cache.pending = [0] * cache.num_layers
+            return f
+
+        t_ref = timeit(ref_pass, args.repeat) * 1e3
+        t_ours = timeit(ours(False), args.repeat) * 1e3
+        t_str = timeit(ours(True), args.repeat) * 1e3
+        base1 = base1 or t_ref
+        print(f"{n:>6} | {t_ref:>9.1f} | {t_ours:>8.1f} | {t_str:>15.1f} | {t_ref / base1:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Size the draft tree by the measured cost of a forward pass on this machine.
+
+Two measurements, then a choice:
+
+* the cost curve: seconds of one pass as a function of the number of tree nodes (each
+  node carries its streams through the MSA layers), next to the plain 1-token pass;
+* the acceptance statistics: on a few prompts, greedy continuations are scored by the
+  streams (teacher forcing, one pass per prompt); for every rank path (r1, ..., rd) the
+  fraction of positions where stream 1's rank-r1 candidate, ..., stream d's rank-rd
+  candidate are all the true tokens;
+* the tree: the expected tokens per pass of the best tree with n nodes is 1 + the sum
+  of the n-1 largest path probabilities (tree.best_paths); the chosen n maximises
+  expected tokens per second = that / cost(n)  (Sequoia's idea, static per model and
+  machine).  It is written into the folder's config as ``tree_paths``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .config import CONFIG_KEY
+from .model import SpecStreamModel, causal_mask
+from .tree import best_paths
+
+CALIBRATION_FILE = "calibration.json"
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+
+
+def measure_cost(
+    model: SpecStreamModel,
+    sizes: tuple[int, ...] = DEFAULT_SIZES,
+    context: int = 256,
+    repeat: int = 5,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Median seconds of a speculative pass with n tree nodes, and of a plain pass."""
+    V = model.args.vocab_size
+    rng = np.random.default_rng(0)
+    cache = model.make_cache()
+    model(mx.array(rng.integers(0, V, context).astype(np.int32)), cache=cache,
+          with_streams=False)
+    cache.commit()
+    mx.eval(cache.state_arrays())
+
+    def one_pass(n: int, streams: bool) -> float:
+        toks = mx.array(rng.integers(0, V, (1, n)).astype(np.int32))
+        off = cache.offset
+        pos = mx.arange(off, off + n)
+        mask = causal_mask(n) if n > 1 else None
+        t = time.perf_counter()
+        h = model.lower(toks, pos, mask, cache)
+        main, sh = model.upper(h, pos, mask, cache, None, streams)
+        pred = mx.argmax(main[0], axis=-1)
+        if sh is not None:  # the decoder reads out one node's streams per step
+            mx.eval(pred, mx.argmax(model.stream_logits(sh[0, -1]), axis=-1))
+        else:
+            mx.eval(pred)
+        np.array(pred)
+        dt = time.perf_counter() - t
+        cache.pending = [0] * cache.num_layers  # discard: nothing committed
+        return dt
+
+    def median(n: int, streams: bool) -> float:
+        one_pass(n, streams)
+        return statistics.median(one_pass(n, streams) for _ in range(repeat))
+
+    items = [(0, False)] + [(n, True) for n in sizes]
+    out: dict[str, float] = {}
+    ar = 0.0
+    for n, streams in tqdm(items, desc="cost curve", disable=not progress, unit="size"):
+        if not streams:
+            ar = median(1, False)
+        else:
+            out[str(n)] = median(n, True)
+    return {"autoregressive": ar, "tree": out, "context": context}
+
+
+def acceptance_stats(
+    model: SpecStreamModel,
+    prompts: list[list[int]],
+    max_tokens: int = 96,
+    kmax: int = 8,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Probability of every rank path (ranks < kmax) being entirely right."""
+    from .decode import DecodeStats, autoregressive_steps
+
+    g = model.cfg.num_streams
+    counts: Counter[tuple[int, ...]] = Counter()
+    hosts = 0
+    for ids in tqdm(prompts, desc="acceptance", disable=not progress, unit="prompt"):
+        out = list(autoregressive_steps(model, mx.array(ids), max_tokens, DecodeStats()))
+        seq = list(ids) + out
+        first = len(ids) - 1  # host positions whose continuation is generated text
+        last = len(seq) - 2
+        if last < first:
+            continue
+        tokens = mx.array(seq)[None]
+        positions = mx.arange(len(seq))
+        h = model.lower(tokens, positions)
+        rows = mx.arange(first, last + 1)
+        _, sh = model.upper(h, positions, None, None, rows, True)
+        logits = model.stream_logits(sh[0])  # (H, g, V)
+        H = last - first + 1
+        # target of stream j at host t: seq[t + 2 + j]  (j = 0..g-1)
+        tgt_idx = np.arange(first, last + 1)[:, None] + 2 + np.arange(g)[None, :]
+        valid = tgt_idx < len(seq)
+        tgt = mx.array(np.where(valid, np.minimum(tgt_idx, len(seq) - 1), 0).astype(np.int32))
+        tgt_logit = mx.take_along_axis(logits, tgt[..., None], axis=-1)
+        ranks = np.array(mx.sum(logits > tgt_logit, axis=-1))  # (H, g)
+        for i in range(H):
+            path: tuple[int, ...] = ()
+            for j in range(g):
+                if not valid[i, j] or ranks[i, j] >= kmax:
+                    break
+                path = path + (int(ranks[i, j]),)
+                counts[path] += 1
+        hosts += H
+    probs = {",".join(map(str, p)): c / max(hosts, 1) for p, c in counts.items()}
+    return {"hosts": hosts, "path_prob": probs, "kmax": kmax}
+
+
+def _parse(p: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in p.split(",")) if p else ()
+
+
+def choose_tree(cost: dict[str, object], accept: dict[str, object]) -> dict[str, object]:
+    """Expected tokens/pass and tokens/s of the best tree of each measured size."""
+    probs = {_parse(k): v for k, v in accept["path_prob"].items()}
+    ar = float(cost["autoregressive"])
+    table = []
+    for n_str, seconds in sorted(cost["tree"].items(), key=lambda kv: int(kv[0])):
+        n = int(n_str)
+        paths = best_paths(probs, n)
+        exp_tokens = 1.0 + sum(probs[p] for p in paths)
+        table.append({"nodes": len(paths) + 1, "seconds": seconds, "tokens_per_pass": exp_tokens,
+                      "tokens_per_s": exp_tokens / seconds, "speedup": exp_tokens / seconds * ar})
+    best = max(table, key=lambda r: r["tokens_per_s"])
+    paths = best_paths(probs, best["nodes"])
+    return {"table": table, "best": best, "tree_paths": [list(p) for p in paths]}
+
+
+def plot(result: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = result["choice"]["table"]
+    n = [r["nodes"] for r in table]
+    ar = result["cost"]["autoregressive"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax[0].plot(n, [r["seconds"] * 1e3 for r in table], "o-", label="tree pass (with streams)")
+    ax[0].axhline(ar * 1e3, color="gray", ls="--", label="1-token pass, no streams")
+    ax[0].set_xlabel("tree nodes")
+    ax[0].set_ylabel("ms per forward pass")
+    ax[0].legend()
+    ax[1].plot(n, [r["speedup"] for r in table], "o-", color="tab:green")
+    ax[1].axhline(1.0, color="gray", ls="--")
+    ax[1].set_xlabel("tree nodes")
+    ax[1].set_ylabel("expected speed-up over autoregressive")
+    best = result["choice"]["best"]
+    ax[1].plot([best["nodes"]], [best["speedup"]], "r*", ms=12)
+    fig.suptitle(result.get("machine", ""), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine_id() -> str:
+    return f"{platform.system()}-{platform.machine()}-{os.cpu_count()}cpu-{mx.default_device()}"
+
+
+def calibrate_folder(
+    folder: str | Path,
+    prompts: list[str] | None = None,
+    num_prompts: int = 16,
+    max_tokens: int = 96,
+    write: bool = True,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Measure, choose and (when ``write``) store the tree of a model folder."""
+    from .generate import load
+    from .training.data import chitchat_prompts
+
+    folder = Path(folder)
+    model, tokenizer = load(folder)
+    if prompts is None:
+        prompts = chitchat_prompts()[0][-num_prompts:]  # training-side, never held out
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                         add_generation_prompt=True) for p in prompts]
+    cost = measure_cost(model, progress=progress)
+    accept = acceptance_stats(model, ids, max_tokens, progress=progress)
+    choice = choose_tree(cost, accept)
+    result = {"machine": machine_id(), "cost": cost, "acceptance": accept, "choice": choice}
+    if write:
+        _write_json(folder / CALIBRATION_FILE, result)
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        config.setdefault(CONFIG_KEY, {})["tree_paths"] = choice["tree_paths"]
+        _write_json(config_path, config)
+        plot(result, folder / "calibration.png")
+    return result
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the default model)")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = args.model
+    if folder is None:
+        from .default_model import default_model_path
+
+        folder = default_model_path()
+    r = calibrate_folder(folder, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+                         write=not args.dry_run)
+    ar = r["cost"]["autoregressive"]
+    print(f"machine: {r['machine']}; 1-token pass {ar * 1e3:.1f} ms; "
+          f"{r['acceptance']['hosts']} scored positions")
+    print(f"{'nodes':>5} | {'ms/pass':>8} | {'x 1-token':>9} | {'tokens/pass':>11} | "
+          f"{'exp. speed-up':>13}")
+    for row in r["choice"]["table"]:
+        print(f"{row['nodes']:>5} | {row['seconds'] * 1e3:>8.1f} | {row['seconds'] / ar:>9.2f} | "
+              f"{row['tokens_per_pass']:>11.2f} | {row['speedup']:>13.2f}")
+    best = r["choice"]["best"]
+    print(f"chosen: {best['nodes']} nodes, paths {r['choice']['tree_paths']}")
+    if not args.dry_run:
+        print(f"wrote tree_paths to {Path(folder) / 'config.json'} and calibration.png")
+    return 0
