@@ -22,11 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+from mlx_specstream import load, stream_generate
+
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load as mlx_lm_load
-
-from mlx_specstream import load, stream_generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_tps = rows["mlx-lm autoregressive"].tps
     lines = [
-        f"| method | tokens/s | vs mlx-lm | tokens/pass | output = mlx-lm |",
+        "| method | tokens/s | vs mlx-lm | tokens/pass | output = mlx-lm |",
         "|---|---|---|---|---|",
     ]
     for r in rows.values():

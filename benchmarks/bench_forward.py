@@ -12,12 +12,12 @@ import sys
 import time
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+from mlx_specstream import load
+from mlx_specstream.model import causal_mask
+
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
-
-from mlx_specstream import load
-from mlx_specstream.model import causal_mask
 
 
 def timeit(fn, repeat: int) -> float:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .model import SpecStreamModel
 from .config import SpecStreamConfig
+from .model import SpecStreamModel
 from .tree import Tree, accept_greedy, product_tree, prune, subtree, tree_from_paths
 
 
@@ -50,7 +50,7 @@ def _topk_indices(logits: mx.array, k: int) -> mx.array:
 
 def default_tree(cfg: SpecStreamConfig) -> Tree:
     """The calibrated tree when the config has one, else the product tree."""
-    if cfg.tree_paths:
+    if cfg.tree_paths is not None:
         return tree_from_paths(cfg.tree_paths)
     return product_tree(cfg.tree_topk)
 

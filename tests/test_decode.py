@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx_lm.generate import generate_step
-from tinymodels import tiny_model
-
 from mlx_specstream.cache import TreeKVCache
 from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.decode import DecodeStats, autoregressive_steps, speculative_steps
 from mlx_specstream.tree import product_tree
+from tinymodels import tiny_model
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
 
 PROMPT = mx.array([1, 5, 7, 9, 11, 2, 3])
 
@@ -49,9 +49,8 @@ def test_autoregressive_mode_equals_mlx_lm() -> None:
 def test_deep_acceptance_on_a_real_model_stays_lossless() -> None:
     """A model with weak weights repeats itself, so untrained streams (~ main) get
     accepted at every depth: exercises multi-token commits on the real cache."""
-    from tinymodels import tiny_base
-
     from mlx_specstream.model import SpecStreamModel
+    from tinymodels import tiny_base
 
     base = tiny_base("llama", seed=3, spread=0.02)
     model = SpecStreamModel(base, SpecStreamConfig(num_streams=3, stream_layers=2))

