@@ -7,16 +7,15 @@ library loaded earlier with ``RTLD_GLOBAL`` takes precedence.  OpenBLAS (Debian'
 ``libopenblas0-pthread``) was measured best for this workload on the project's
 machines (PLATFORM.md): ~120 GFLOP/s GEMM, 1.7x cost for 16 tokens vs 1.
 
-Preferred, when available: OpenBLAS 0.3.3x from the PyPI wheel ``scipy-openblas32``
-(measured here: 2-8 token passes 15-25% faster than Debian's 0.3.21, the sizes a draft
-tree has).  Its symbols carry a ``scipy_`` prefix, so a 10-line shim that exports
-``cblas_sgemm``/``cblas_dgemm`` and forwards to them is compiled once with the system C
-compiler into the cache folder.  Without a compiler (or the wheel) Debian's
-``libopenblas0-pthread`` is used.
+Optional: OpenBLAS 0.3.3x from the PyPI wheel ``scipy-openblas32``
+(``MLX_SPECSTREAM_BLAS=wheel``).  Its symbols carry a ``scipy_`` prefix, so a 10-line
+shim exporting ``cblas_sgemm``/``cblas_dgemm`` is compiled once with the system C
+compiler into the cache folder.  Measured here on a quiet machine, 2-8 token passes ran
+15-25% faster with it than with Debian's 0.3.21; but when other processes load the
+cores its threads collapse (speculative passes 10-60x slower), so it is not the default.
 
-Set ``MLX_SPECSTREAM_BLAS`` to a library path to choose one, ``system`` to skip the
-wheel, or ``none`` to keep MLX's own.  macOS uses Accelerate through MLX and needs none
-of this.
+Set ``MLX_SPECSTREAM_BLAS`` to a library path to choose one, ``wheel`` for the wheel,
+or ``none`` to keep MLX's own.  macOS uses Accelerate through MLX and needs none of this.
 """
 
 from __future__ import annotations
@@ -153,12 +152,17 @@ def setup() -> str:
             stacklevel=3,
         )
         return ACTIVE
-    if not choice:
+    if choice == "wheel":
         wheel = _load_wheel_blas()
         if wheel is not None:
             ACTIVE = wheel
             return ACTIVE
-    path = find_blas() if choice in ("", "system") else choice
+    path = find_blas() if choice in ("", "system", "wheel") else choice
+    if path is None and not choice:
+        path = _load_wheel_blas()  # no system OpenBLAS: the wheel beats the reference BLAS
+        if path is not None:
+            ACTIVE = path
+            return ACTIVE
     if path is None:
         ACTIVE = "unavailable"
         warnings.warn(

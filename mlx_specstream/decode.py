@@ -69,20 +69,17 @@ def check_context(model: SpecStreamModel, prompt_len: int, max_tokens: int) -> i
 
 def _prefill(
     model: SpecStreamModel, prompt: mx.array, cache, with_streams: bool, chunk: int = 512
-) -> tuple[mx.array, mx.array | None]:
-    """Run the prompt (in chunks) and return the last main logits and, when asked,
-    the stream hidden states of the last prompt position."""
+) -> mx.array:
+    """Run the prompt (in chunks) through the model and return the logits of the last
+    position only: (1 + num_streams, V) with streams (main row first), else (1, V)."""
     n = prompt.shape[0]
     start = 0
     while n - start > chunk:
         end = start + chunk
-        model(
-            prompt[start:end],
-            positions=mx.arange(cache.offset, cache.offset + chunk),
-            cache=cache,
-            with_streams=False,
-        )
-        mx.eval([c for c in cache.state_arrays()])
+        positions = mx.arange(cache.offset, cache.offset + chunk)
+        model.upper_hidden(model.lower(prompt[start:end], positions, None, cache), positions,
+                           None, cache, None, False)
+        mx.eval(cache.state_arrays())
         cache.commit()
         start = end
     rest = prompt[start:]
@@ -90,9 +87,10 @@ def _prefill(
     positions = mx.arange(cache.offset, cache.offset + L)
     h = model.lower(rest, positions, None, cache)
     rows = mx.array([L - 1]) if with_streams else None
-    main, sh = model.upper(h, positions, None, cache, rows, with_streams)
+    x = model.upper_hidden(h, positions, None, cache, rows, with_streams)[0]
     cache.commit()
-    return main[0, -1], (sh[0, 0] if sh is not None else None)
+    # The LM head only where it is read: the last main row and its streams.
+    return model.head(x[L - 1 :])
 
 
 def autoregressive_steps(
@@ -102,8 +100,7 @@ def autoregressive_steps(
     the next pass is queued before the current token is read back."""
     limit = check_context(model, prompt.shape[0], max_tokens)
     cache = model.make_cache()
-    logits, _ = _prefill(model, prompt, cache, with_streams=False)
-    y = mx.argmax(logits)
+    y = mx.argmax(_prefill(model, prompt, cache, with_streams=False)[0])
     mx.async_eval(y)
     produced = 0
     while produced < max_tokens:
@@ -144,6 +141,11 @@ def speculative_steps(
     tree = tree if tree is not None else default_tree(cfg)
     if tree.max_depth > cfg.num_streams:
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
+    if tree.size == 1:
+        # A one-node tree drafts nothing: calibration chooses it when the streams would
+        # not pay for themselves (e.g. untrained); plain decoding is then the fastest.
+        yield from autoregressive_steps(model, prompt, max_tokens, stats)
+        return
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
     limit = check_context(model, prompt.shape[0], max_tokens)
     stats.accepted_per_depth = [0] * tree.max_depth
@@ -157,13 +159,13 @@ def speculative_steps(
     parent = mx.array(np.maximum(tree.parent, 0).astype(np.int32))
     kmax = tree.kmax
 
-    def draft(stream_hidden: mx.array) -> mx.array:
-        """(g, hidden) stream states of the host node -> flattened top-kmax candidates."""
-        return _topk_indices(model.stream_logits(stream_hidden[:g]), kmax).reshape(-1)
+    def draft(stream_logits: mx.array) -> mx.array:
+        """(g, V) stream logits of the host node -> flattened top-kmax candidates."""
+        return _topk_indices(stream_logits, kmax).reshape(-1)
 
-    logits, sh = _prefill(model, prompt, cache, with_streams=True)
-    root = mx.argmax(logits).reshape(1)
-    cands = draft(sh)
+    logits = _prefill(model, prompt, cache, with_streams=True)
+    root = mx.argmax(logits[0]).reshape(1)
+    cands = draft(logits[1:])
     produced = 0
     first = int(root.item())
     produced += 1
@@ -193,14 +195,19 @@ def speculative_steps(
         else:
             u_tokens, u_pos, u_mask = tokens, positions, full_mask
             kept, tree_sub = None, tree
-        main, sh = model.upper(h, u_pos, u_mask, cache, None, True)
-        pred = mx.argmax(main[0], axis=-1)
-        mx.eval(pred, u_tokens)
+        n = tree_sub.size
+        # One LM-head GEMM for the main rows (verification) and every node's streams
+        # (the next draft): the head's weights are read once per pass.
+        x = model.upper_hidden(h, u_pos, u_mask, cache, None, True)[0]
+        logits = model.head(x)
+        pred = mx.argmax(logits[:n], axis=-1)
+        stream_logits = logits[n:]
+        mx.eval(pred, u_tokens, stream_logits)
         pred_np, tok_np = np.array(pred), np.array(u_tokens)
         path = accept_greedy(tree_sub, tok_np, pred_np)
         last = path[-1]
         stats.forward_passes += 1
-        stats.tree_nodes += tree_sub.size
+        stats.tree_nodes += n
         for d in range(1, len(path)):
             stats.accepted_per_depth[d - 1] += 1
         # Commit: lower layers hold every node, upper layers the kept ones.
@@ -210,7 +217,7 @@ def speculative_steps(
             lower_rows = [int(keep[i]) for i in path]
             cache.commit([lower_rows] * model.split + [path] * (model.num_layers - model.split))
         root = pred[last].reshape(1)
-        cands = draft(sh[0, last])
+        cands = draft(stream_logits[last * g : (last + 1) * g])  # runs inside the next pass
         new_tokens = [int(tok_np[i]) for i in path[1:]] + [int(pred_np[last])]
         for t in new_tokens:
             if produced >= max_tokens:

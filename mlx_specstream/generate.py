@@ -2,7 +2,9 @@
 
 Thread safety: a loaded model holds no per-request state (each generation makes its
 own cache), so several threads may share one (model, tokenizer) pair; MLX serialises
-the actual computation.  Tokenizer detokenizers are per-request copies.
+the actual computation.  Tokenizer detokenizers are per-request copies.  A thread other
+than the main one that generated should call ``mx.clear_streams()`` before it ends
+(MLX 0.32 can otherwise abort the process at exit).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from mlx_lm.utils import load_model, load_tokenizer
 from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
 from .decode import DecodeStats, autoregressive_steps, speculative_steps
 from .model import SpecStreamModel
+from .sampled import sampled_autoregressive_steps, sampled_speculative_steps
+from .sampling import SamplingParams
 from .tree import product_tree
 
 
@@ -122,24 +126,52 @@ def stream_generate(
     tree_topk: Sequence[int] | None = None,
     prune_threshold: float | None = None,
     stop: Sequence[str] | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Generate greedily, yielding one ``GenerationResponse`` per token.
+    """Generate, yielding one ``GenerationResponse`` per token.
 
     speculative: False runs plain autoregressive decoding in the same runtime.
     tree_topk: candidates per depth of the product tree (default: the folder's config).
-    prune_threshold: early-exit pruning threshold, 0 disables (default: config).
-    stop: stop strings; generation ends before the first one, which is not emitted."""
+    prune_threshold: early-exit pruning threshold, 0 disables (default: config);
+        not used when sampling (pruned trees are no longer draws from the streams).
+    stop: stop strings; generation ends before the first one, which is not emitted.
+    temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size: mlx-lm's
+        sampling options (see ``sampling.SamplingParams``).  temp 0 without a
+        repetition penalty decodes greedily; otherwise tokens are sampled with the
+        exact distribution of autoregressive sampling.
+    seed: seed of the generation's random generator (same seed, same tokens);
+        None draws fresh entropy."""
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    params = SamplingParams(
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        seed=seed,
+    )
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     ids = _encode(tokenizer, prompt)
     stats = DecodeStats()
-    if speculative:
-        tree = product_tree(tree_topk) if tree_topk is not None else None
-        steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold)
+    tree = product_tree(tree_topk) if speculative and tree_topk is not None else None
+    if params.plain_greedy:
+        if speculative:
+            steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold)
+        else:
+            steps = autoregressive_steps(model, ids, max_tokens, stats)
+    elif speculative:
+        steps = sampled_speculative_steps(model, ids, max_tokens, stats, params, tree)
     else:
-        steps = autoregressive_steps(model, ids, max_tokens, stats)
+        steps = sampled_autoregressive_steps(model, ids, max_tokens, stats, params)
     detok = copy.copy(tokenizer.detokenizer)
     detok.reset()
     stops = [s for s in (stop or []) if s]
@@ -212,7 +244,9 @@ def generate(
     verbose: bool = False,
     **kwargs,
 ) -> str:
-    """Generate and return the whole text (printing it as it streams when verbose)."""
+    """Generate and return the whole text (printing it as it streams when verbose).
+
+    Keyword arguments (decoding and sampling options, ``stop``) go to ``stream_generate``."""
     text = ""
     last = None
     for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):

@@ -293,7 +293,7 @@ class SpecStreamModel(nn.Module):
             x = self._layer(i, x, positions, m, cache, L)
         return x
 
-    def upper(
+    def upper_hidden(
         self,
         h: mx.array,
         positions: mx.array,
@@ -301,13 +301,12 @@ class SpecStreamModel(nn.Module):
         cache: TreeKVCache | None = None,
         stream_rows: mx.array | None = None,
         with_streams: bool = True,
-    ) -> tuple[mx.array, mx.array | None]:
-        """Run the MSA layers.  Returns main logits (B, L, V) and the normalised-free
-        stream hidden states (B, S, num_streams, hidden) of the tokens in ``stream_rows``
-        (all tokens when None), or None when ``with_streams`` is False."""
+    ) -> mx.array:
+        """Run the MSA layers; returns the last hidden states before the final norm,
+        (B, L + S * num_streams, hidden): the L main rows, then the streams of the tokens
+        in ``stream_rows`` (all tokens when None) ordered (token, stream)."""
         B, L, D = h.shape
         positions = self._positions(positions, B)
-        n_main = L
         if with_streams:
             g = self.cfg.num_streams
             rows = mx.arange(L) if stream_rows is None else stream_rows.astype(mx.int32)
@@ -321,11 +320,26 @@ class SpecStreamModel(nn.Module):
         else:
             x, pos, m = h, positions, self._mask(mask, cache, L)
         for i in range(self.split, self.num_layers):
-            x = self._layer(i, x, pos, m, cache, n_main)
-        main_logits = self.head(x[:, :n_main])
+            x = self._layer(i, x, pos, m, cache, L)
+        return x
+
+    def upper(
+        self,
+        h: mx.array,
+        positions: mx.array,
+        mask: mx.array | None = None,
+        cache: TreeKVCache | None = None,
+        stream_rows: mx.array | None = None,
+        with_streams: bool = True,
+    ) -> tuple[mx.array, mx.array | None]:
+        """Run the MSA layers.  Returns main logits (B, L, V) and the stream hidden states
+        before the final norm (B, S, num_streams, hidden), or None without streams."""
+        B, L, D = h.shape
+        x = self.upper_hidden(h, positions, mask, cache, stream_rows, with_streams)
+        main_logits = self.head(x[:, :L])
         if not with_streams:
             return main_logits, None
-        return main_logits, x[:, n_main:].reshape(B, S, self.cfg.num_streams, D)
+        return main_logits, x[:, L:].reshape(B, -1, self.cfg.num_streams, D)
 
     def __call__(
         self,

@@ -110,38 +110,41 @@ class FakeModel:
             cache.write(layer, k, k)
 
     def lower(self, tokens, positions, mask=None, cache=None):
-        h = tokens.reshape(1, -1).astype(mx.float32)
+        h = tokens.reshape(1, -1, 1).astype(mx.float32)
         self._write(0, h, cache)
         return h
 
     def exit_logits(self, h):
+        ids = h[..., 0]
         if self.exit_probs == "uniform":
-            return mx.zeros(h.shape + (V,))
-        nxt = (7 * h.astype(mx.int32) + 3) % V
+            return mx.zeros(ids.shape + (V,))
+        nxt = (7 * ids.astype(mx.int32) + 3) % V
         return self._onehot(nxt)
 
-    def upper(self, h, positions, mask=None, cache=None, stream_rows=None, with_streams=True):
+    def upper_hidden(self, h, positions, mask=None, cache=None, stream_rows=None,
+                     with_streams=True):
+        """Rows of (token the head predicts, token the head ranks last or -1)."""
         self._write(1, h, cache)
-        ids = h.astype(mx.int32)
-        main = self._onehot((7 * ids + 3) % V)
-        if not with_streams:
-            return main, None
-        rows = ids if stream_rows is None else ids[:, stream_rows]
-        outs, cur = [], rows
-        for _ in range(self.cfg.num_streams):
-            cur = (7 * cur + 3) % V
-            outs.append(cur)
-        st = mx.stack(outs[1:] + [(7 * cur + 3) % V], axis=-1)  # stream j -> t+1+j
-        if not self.streams_right:
-            st = (st + 1) % V
-        return main, st.astype(mx.float32)[..., None]
+        ids = h[0, :, 0].astype(mx.int32)
+        none = mx.full(ids.shape, -1, mx.int32)
+        rows = [mx.stack([(7 * ids + 3) % V, none], axis=-1)]
+        if with_streams:
+            host = ids if stream_rows is None else ids[stream_rows]
+            cur = (7 * host + 3) % V  # the root
+            per_stream = []
+            for _ in range(self.cfg.num_streams):
+                cur = (7 * cur + 3) % V  # stream j predicts the token j+1 after the root
+                if self.streams_right:
+                    per_stream.append(mx.stack([cur, mx.full(cur.shape, -1, mx.int32)], -1))
+                else:  # a wrong guess, and the true token ranked last
+                    per_stream.append(mx.stack([(cur + 1) % V, cur], -1))
+            rows.append(mx.stack(per_stream, axis=1).reshape(-1, 2))
+        return mx.concatenate(rows, axis=0)[None].astype(mx.float32)
 
-    def stream_logits(self, sh):
-        ids = sh[..., 0].astype(mx.int32)
-        logits = self._onehot(ids)
-        if not self.streams_right:  # the true token ranks last, never in any top-k
-            logits = logits - 2.0 * self._onehot((ids - 1) % V)
-        return logits
+    def head(self, x):
+        ids = x[..., 0].astype(mx.int32)
+        low = x[..., 1].astype(mx.int32)
+        return self._onehot(ids) - 2.0 * self._onehot(low)
 
 
 def truth(prompt_last: int, n: int) -> list[int]:

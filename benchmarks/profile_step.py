@@ -1,0 +1,102 @@
+"""Where the time of one decoding step goes: the stages of a speculative step (and of a
+plain autoregressive step) timed with an ``mx.eval`` barrier after each.
+
+    python benchmarks/profile_step.py [--model PATH] [--tree-topk 2,1,1] [--context 256]
+
+Barriers remove the overlap MLX would otherwise get, so the stages add up to a little
+more than a real step; the split is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+from mlx_specstream import load
+from mlx_specstream.decode import _topk_indices, default_tree
+from mlx_specstream.tree import accept_greedy, product_tree
+
+import mlx.core as mx
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--tree-topk", default=None, help="product tree, e.g. 2,1,1 (default: config)")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args(argv)
+    model, _ = load(args.model)
+    tree = (product_tree([int(k) for k in args.tree_topk.split(",")]) if args.tree_topk
+            else default_tree(model.cfg))
+    g = model.cfg.num_streams
+    V = model.args.vocab_size
+    rng = np.random.default_rng(0)
+    cache = model.make_cache()
+    model(mx.array(rng.integers(0, V, args.context).astype(np.int32)), cache=cache,
+          with_streams=False)
+    cache.commit()
+    mx.eval(cache.state_arrays())
+    depth = mx.array(tree.depth.astype(np.int32))
+    mask = mx.array(tree.mask)
+    times: dict[str, list[float]] = {}
+
+    def lap(name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        times.setdefault(name, []).append((t1 - t0) * 1e3)
+        return t1
+
+    for _ in range(args.steps + 2):
+        off = cache.offset
+        tokens = mx.array(rng.integers(0, V, tree.size).astype(np.int32))
+        mx.eval(tokens)
+        t = time.perf_counter()
+        h = model.lower(tokens, depth + off, mask, cache)
+        mx.eval(h)
+        t = lap(f"lower layers ({model.split}) x {tree.size} nodes", t)
+        x = model.upper_hidden(h, depth + off, mask, cache, None, True)[0]
+        mx.eval(x)
+        t = lap(f"MSA layers ({model.cfg.stream_layers}) x {tree.size} nodes x (1+{g})", t)
+        logits = model.head(x)
+        mx.eval(logits)
+        t = lap(f"LM head x {x.shape[0]} rows", t)
+        pred = mx.argmax(logits[: tree.size], axis=-1)
+        pred_np, tok_np = np.array(pred), np.array(tokens)
+        t = lap("argmax + host sync", t)
+        path = accept_greedy(tree, tok_np, pred_np)
+        cache.commit(path)
+        t = lap("acceptance + commit (host)", t)
+        cands = _topk_indices(logits[tree.size + path[-1] * g: tree.size + (path[-1] + 1) * g],
+                              tree.kmax)
+        mx.eval(cands, cache.state_arrays())
+        lap("next draft top-k + cache gather", t)
+
+    # plain autoregressive step for reference
+    for _ in range(args.steps + 2):
+        off = cache.offset
+        tok = mx.array([[int(rng.integers(0, V))]])
+        t = time.perf_counter()
+        x = model.upper_hidden(model.lower(tok, mx.array([off]), None, cache), mx.array([off]),
+                               None, cache, None, False)
+        mx.eval(mx.argmax(model.head(x[0, -1])))
+        cache.commit()
+        lap("autoregressive step (1 token, no streams)", t)
+
+    print(f"tree: {tree.size} nodes, depth {tree.max_depth}, context {args.context}")
+    print(f"{'stage':<58} {'median ms':>9}")
+    total = 0.0
+    for name, v in times.items():
+        med = statistics.median(v[2:])
+        if not name.startswith("autoregressive"):
+            total += med
+        print(f"{name:<58} {med:>9.2f}")
+    print(f"{'speculative step, sum of stages':<58} {total:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

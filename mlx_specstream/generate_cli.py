@@ -1,0 +1,272 @@
+"""Generate text from a prompt: ``mlx-specstream generate --model PATH --prompt TEXT``.
+
+The prompt goes through the tokenizer's chat template (as with ``mlx_lm.generate``)
+unless --ignore-chat-template is given.  The text is printed as it streams, followed
+by the prompt and generation speeds, tokens per forward pass, the acceptance per
+draft depth and the peak memory.
+
+This module also holds the helpers that ``chat`` and ``serve`` share: the sampling
+and decoding flags, the pass-through of sampling parameters to ``stream_generate``
+and the chat-prompt construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
+
+from .generate import GenerationResponse, format_stats, load, stream_generate
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 100
+
+# mlx-lm's names for the sampling parameters, in the order of its CLI.
+SAMPLING_PARAMS: tuple[str, ...] = (
+    "temp",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repetition_context_size",
+    "seed",
+)
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def _parse_topk(value: str) -> list[int]:
+    try:
+        ks = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {value!r}"
+        ) from None
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {value!r}")
+    return ks
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder (default: the bundled default model)",
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's sampling flags; each defaults to None (= not passed on)."""
+    g = parser.add_argument_group("sampling (greedy unless --temp > 0)")
+    g.add_argument("--temp", type=float, default=None, help="sampling temperature (default 0)")
+    g.add_argument("--top-p", type=float, default=None, help="sampling top-p")
+    g.add_argument("--top-k", type=int, default=None, help="sampling top-k")
+    g.add_argument("--min-p", type=float, default=None, help="sampling min-p")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=None, help="repetition penalty (1 = off)"
+    )
+    g.add_argument("--seed", type=int, default=None, help="PRNG seed")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument(
+        "--no-speculative",
+        action="store_true",
+        help="plain autoregressive decoding in the same runtime (for comparison)",
+    )
+    g.add_argument(
+        "--tree-topk",
+        type=_parse_topk,
+        default=None,
+        metavar="K1,K2,...",
+        help="candidates per depth of the draft tree, e.g. 3,2,1 (default: the model's)",
+    )
+    g.add_argument(
+        "--prune-threshold",
+        type=float,
+        default=None,
+        help="early-exit pruning threshold, 0 disables (default: the model's)",
+    )
+
+
+def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The speculative-decoding keyword arguments of ``stream_generate`` from the flags."""
+    kw: dict[str, Any] = {"speculative": not getattr(args, "no_speculative", False)}
+    if getattr(args, "tree_topk", None) is not None:
+        kw["tree_topk"] = list(args.tree_topk)
+    if getattr(args, "prune_threshold", None) is not None:
+        kw["prune_threshold"] = float(args.prune_threshold)
+    return kw
+
+
+# --------------------------------------------------------------- sampling pass-through
+
+
+def supported_sampling_params() -> frozenset[str]:
+    """The sampling parameters that ``stream_generate`` accepts in this build."""
+    params = inspect.signature(stream_generate).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset(SAMPLING_PARAMS)
+    return frozenset(n for n in SAMPLING_PARAMS if n in params)
+
+
+def sampling_kwargs(
+    *,
+    temp: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Check the given sampling parameters and return those to pass to ``stream_generate``.
+
+    Parameters left as None are not passed.  While ``stream_generate`` decodes only
+    greedily, a temperature > 0 (or a repetition penalty, which changes greedy output)
+    raises NotImplementedError; the other parameters do not matter to greedy decoding
+    and are dropped."""
+    given = {
+        k: v
+        for k, v in (
+            ("temp", temp),
+            ("top_p", top_p),
+            ("top_k", top_k),
+            ("min_p", min_p),
+            ("repetition_penalty", repetition_penalty),
+            ("repetition_context_size", repetition_context_size),
+            ("seed", seed),
+        )
+        if v is not None
+    }
+    if "temp" in given and not given["temp"] >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temp}")
+    if "top_p" in given and not 0 < given["top_p"] <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if "top_k" in given and given["top_k"] < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if "min_p" in given and not 0 <= given["min_p"] <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if "repetition_penalty" in given and not given["repetition_penalty"] > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if "repetition_context_size" in given and given["repetition_context_size"] < 1:
+        raise ValueError(f"repetition_context_size must be >= 1, got {repetition_context_size}")
+    if "seed" in given and given["seed"] < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    supported = supported_sampling_params()
+    if given.get("temp", 0.0) > 0 and "temp" not in supported:
+        raise NotImplementedError(
+            f"temperature {given['temp']} is not supported yet: this build decodes greedily "
+            "(use temperature 0)"
+        )
+    rp = given.get("repetition_penalty")
+    if rp is not None and rp != 1.0 and "repetition_penalty" not in supported:
+        raise NotImplementedError("repetition_penalty is not supported yet by this build")
+    return {k: v for k, v in given.items() if k in supported}
+
+
+def sampling_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return sampling_kwargs(**{k: getattr(args, k, None) for k in SAMPLING_PARAMS})
+
+
+# ------------------------------------------------------------------------ prompts
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "has_chat_template", False)) or bool(
+        getattr(tokenizer, "chat_template", None)
+    )
+
+
+def _fallback_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for the
+    assistant's reply (as mlx-lm does: the templated text is encoded without adding
+    special tokens).  A tokenizer without a template gets a plain "role: text" layout."""
+    if has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(_fallback_chat_prompt(messages)))
+
+
+def format_acceptance(r: GenerationResponse) -> str:
+    """Per-depth acceptance: the share of passes accepting at least d drafted tokens."""
+    if not r.accepted_per_depth:
+        return "Acceptance per depth: n/a (no drafts)"
+    n = max(r.forward_passes, 1)
+    parts = [f"d{d} {100.0 * a / n:.1f}%" for d, a in enumerate(r.accepted_per_depth, start=1)]
+    return "Acceptance per depth: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument(
+        "--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt ('-' reads from stdin)"
+    )
+    parser.add_argument(
+        "--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="tokens to generate"
+    )
+    parser.add_argument("--system-prompt", default=None, help="system prompt for the template")
+    parser.add_argument(
+        "--ignore-chat-template",
+        "--no-chat-template",
+        dest="ignore_chat_template",
+        action="store_true",
+        help="use the raw prompt without the tokenizer's chat template",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop string (may be repeated); generation ends before it",
+    )
+    add_decoding_arguments(parser)
+    add_sampling_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    gen_kwargs = {**decoding_kwargs(args), **sampling_kwargs_from_args(args)}
+    if args.stop:
+        gen_kwargs["stop"] = list(args.stop)
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    prompt_text = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt_text == "-":
+        prompt_text = sys.stdin.read()
+    model, tokenizer = load(args.model)
+    prompt: str | list[int]
+    if not args.ignore_chat_template and has_chat_template(tokenizer):
+        messages = []
+        if args.system_prompt is not None:
+            messages.append({"role": "system", "content": args.system_prompt})
+        messages.append({"role": "user", "content": prompt_text})
+        prompt = chat_prompt_ids(tokenizer, messages)
+    else:
+        prompt = prompt_text
+    print("=" * 10)
+    last: GenerationResponse | None = None
+    for r in stream_generate(model, tokenizer, prompt, args.max_tokens, **gen_kwargs):
+        print(r.text, end="", flush=True)
+        last = r
+    print()
+    print("=" * 10)
+    if last is not None:
+        print(format_stats(last))
+        print(format_acceptance(last))
+    return 0
