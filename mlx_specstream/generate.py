@@ -123,6 +123,7 @@ def stream_generate(
     max_tokens: int = 256,
     *,
     speculative: bool = True,
+    drafter: str = "streams",
     tree_topk: Sequence[int] | None = None,
     prune_threshold: float | None = None,
     stop: Sequence[str] | None = None,
@@ -137,6 +138,8 @@ def stream_generate(
     """Generate, yielding one ``GenerationResponse`` per token.
 
     speculative: False runs plain autoregressive decoding in the same runtime.
+    drafter: "streams" (Speculative Streaming) or "lookup" (prompt-lookup n-gram drafts,
+        greedy only).
     tree_topk: candidates per depth of the product tree (default: the folder's config).
     prune_threshold: early-exit pruning threshold, 0 disables (default: config);
         not used when sampling (pruned trees are no longer draws from the streams).
@@ -163,7 +166,15 @@ def stream_generate(
     ids = _encode(tokenizer, prompt)
     stats = DecodeStats()
     tree = product_tree(tree_topk) if speculative and tree_topk is not None else None
-    if params.plain_greedy:
+    if drafter not in ("streams", "lookup"):
+        raise ValueError(f"drafter must be 'streams' or 'lookup', got {drafter!r}")
+    if drafter == "lookup" and speculative:
+        if not params.plain_greedy:
+            raise ValueError("the lookup drafter decodes greedily only (temp 0)")
+        from .lookup import lookup_steps
+
+        steps = lookup_steps(model, ids, max_tokens, stats)
+    elif params.plain_greedy:
         if speculative:
             steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold)
         else:

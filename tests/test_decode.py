@@ -199,3 +199,25 @@ def test_pruning_keeps_confident_paths() -> None:
     assert out == truth(3, 21)
     assert stats.tokens_per_pass == 4.0
     assert stats.tree_nodes == 4 * stats.forward_passes  # one chain survives
+
+
+def test_prompt_lookup_is_lossless_and_accepts_copies() -> None:
+    from mlx_specstream.lookup import find_draft, lookup_steps
+
+    assert find_draft([1, 2, 3, 9, 1, 2], max_ngram=2, num_draft=3) == [3, 9, 1]
+    assert find_draft([5, 6, 7], max_ngram=2) == []
+    model = tiny_model("llama")
+    ref = mlx_lm_greedy(model.base, PROMPT, 40)
+    stats = DecodeStats()
+    assert list(lookup_steps(model, PROMPT, 40, stats)) == ref
+    # a weak model that repeats itself: lookup drafts get accepted
+    from tinymodels import tiny_base
+
+    from mlx_specstream.model import SpecStreamModel
+
+    base = tiny_base("llama", seed=3, spread=0.02)
+    weak = SpecStreamModel(base, SpecStreamConfig())
+    ref = mlx_lm_greedy(base, PROMPT, 41)
+    stats = DecodeStats()
+    assert list(lookup_steps(weak, PROMPT, 41, stats)) == ref
+    assert stats.tokens_per_pass > 2.0
