@@ -83,6 +83,36 @@ def run_mlx_lm(model, eos: set[int]) -> Callable[[list[int], int], Run]:
     return go
 
 
+def run_mlx_lm_draft(model, draft, tokenizer, num_draft: int) -> Callable[[list[int], int], Run]:
+    """mlx-lm's own two-model speculative decoding (greedy)."""
+    from mlx_lm.generate import stream_generate as mlx_stream
+
+    eos = set(tokenizer.eos_token_ids)
+
+    def go(ids: list[int], n: int) -> Run:
+        toks: list[int] = []
+        t0 = None
+        for r in mlx_stream(model, tokenizer, ids, max_tokens=n, draft_model=draft,
+                            num_draft_tokens=num_draft):
+            if t0 is None:
+                t0 = time.perf_counter()
+            if r.token in eos:
+                break
+            toks.append(r.token)
+        # mlx-lm reports no pass count: the target runs once per draft round
+        return Run(toks, time.perf_counter() - t0, 0)
+
+    return go
+
+
+def truncated_draft(folder: str, layers: int):
+    """A draft sharing SmolLM2's tokenizer: its first ``layers`` layers, final norm and
+    (tied) head, not trained further."""
+    draft, _ = mlx_lm_load(folder)
+    draft.model.layers = draft.model.layers[:layers]
+    return draft
+
+
 def run_ours(model, tokenizer, **opts) -> Callable[[list[int], int], Run]:
     def go(ids: list[int], n: int) -> Run:
         toks: list[int] = []
@@ -128,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra product trees to time, e.g. 3,2,1 (repeatable)")
     p.add_argument("--prune-threshold", type=float, default=None)
     p.add_argument("--tag", default="decode")
+    p.add_argument("--peers", action="store_true",
+                   help="also time prompt lookup and mlx-lm two-model speculative decoding")
+    p.add_argument("--draft-layers", type=int, default=6)
     args = p.parse_args(argv)
 
     model, tokenizer = load(args.model)
@@ -148,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.prune_threshold:
         methods[f"SS tree {model.cfg.tree_topk} prune {args.prune_threshold}"] = run_ours(
             model, tokenizer, prune_threshold=args.prune_threshold)
+    if args.peers:
+        methods["ours prompt lookup"] = run_ours(model, tokenizer, drafter="lookup")
+        draft = truncated_draft(folder, args.draft_layers)
+        methods[f"mlx-lm two-model (draft = first {args.draft_layers} layers)"] = (
+            run_mlx_lm_draft(ref_model, draft, tokenizer, 3))
     for spec in args.tree_topk or []:
         topk = [int(x) for x in spec.split(",")]
         methods[f"SS tree {topk}"] = run_ours(model, tokenizer, tree_topk=topk)
@@ -177,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows.values():
         lines.append(
-            f"| {r.method} | {r.tps:.2f} | {r.tps / base_tps:.2f}x | {r.tokens_per_pass:.2f} | "
+            f"| {r.method} | {r.tps:.2f} | {r.tps / base_tps:.2f}x | "
+            f"{f'{r.tokens_per_pass:.2f}' if r.passes else 'n/a'} | "
             f"{r.identical}/{r.prompts} |"
         )
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()

@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in [int(s) for s in args.sizes.split(",")]:
         toks = mx.random.randint(0, model.args.vocab_size, (1, n))
 
-        def ref_pass():
+        def ref_pass(toks=toks, n=n):
             mx.eval(ref(toks, cache=ref_cache))
             trim_prompt_cache(ref_cache, n)
 
-        def ours(with_streams: bool):
+        def ours(with_streams: bool, toks=toks, n=n):
             def f():
                 off = cache.offset
                 pos = mx.arange(off, off + n)

@@ -144,8 +144,11 @@ def choose_tree(cost: dict[str, object], accept: dict[str, object]) -> dict[str,
         n = int(n_str)
         paths = best_paths(probs, n)
         exp_tokens = 1.0 + sum(probs[p] for p in paths)
-        table.append({"size": n, "nodes": len(paths) + 1, "seconds": seconds, "tokens_per_pass": exp_tokens,
-                      "tokens_per_s": exp_tokens / seconds, "speedup": exp_tokens / seconds * ar})
+        table.append({
+            "size": n, "nodes": len(paths) + 1, "seconds": seconds,
+            "tokens_per_pass": exp_tokens, "tokens_per_s": exp_tokens / seconds,
+            "speedup": exp_tokens / seconds * ar,
+        })
     best = max(table, key=lambda r: r["tokens_per_s"])
     paths = best_paths(probs, best["nodes"])
     return {"table": table, "best": best, "tree_paths": [list(p) for p in paths]}
@@ -240,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'size':>4} | {'nodes':>5} | {'ms/pass':>8} | {'x 1-token':>9} | {'tokens/pass':>11} | "
           f"{'exp. speed-up':>13}")
     for row in r["choice"]["table"]:
-        print(f"{row['size']:>4} | {row['nodes']:>5} | {row['seconds'] * 1e3:>8.1f} | {row['seconds'] / ar:>9.2f} | "
+        print(f"{row['size']:>4} | {row['nodes']:>5} | {row['seconds'] * 1e3:>8.1f} | "
+              f"{row['seconds'] / ar:>9.2f} | "
               f"{row['tokens_per_pass']:>11.2f} | {row['speedup']:>13.2f}")
     best = r["choice"]["best"]
     print(f"chosen: {best['nodes']} nodes, paths {r['choice']['tree_paths']}")

@@ -85,7 +85,9 @@ class StreamParams(nn.Module):
                 self.stream_lora.append(d)
 
 
-def init_stream_params(base: nn.Module, cfg: SpecStreamConfig, seed: int = 0) -> dict[str, mx.array]:
+def init_stream_params(
+    base: nn.Module, cfg: SpecStreamConfig, seed: int = 0
+) -> dict[str, mx.array]:
     """Freshly initialised stream parameters for ``base``, as a flat name -> array dict.
 
     Deterministic in ``seed`` and independent of MLX's global random state."""

@@ -211,9 +211,8 @@ def test_prompt_lookup_is_lossless_and_accepts_copies() -> None:
     stats = DecodeStats()
     assert list(lookup_steps(model, PROMPT, 40, stats)) == ref
     # a weak model that repeats itself: lookup drafts get accepted
-    from tinymodels import tiny_base
-
     from mlx_specstream.model import SpecStreamModel
+    from tinymodels import tiny_base
 
     base = tiny_base("llama", seed=3, spread=0.02)
     weak = SpecStreamModel(base, SpecStreamConfig())
