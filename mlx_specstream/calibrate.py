@@ -116,7 +116,8 @@ def acceptance_stats(
         # target of stream j at host t: seq[t + 2 + j]  (j = 0..g-1)
         tgt_idx = np.arange(first, last + 1)[:, None] + 2 + np.arange(g)[None, :]
         valid = tgt_idx < len(seq)
-        tgt = mx.array(np.where(valid, np.minimum(tgt_idx, len(seq) - 1), 0).astype(np.int32))
+        seq_np = np.array(seq, dtype=np.int32)
+        tgt = mx.array(np.where(valid, seq_np[np.minimum(tgt_idx, len(seq) - 1)], 0))
         tgt_logit = mx.take_along_axis(logits, tgt[..., None], axis=-1)
         ranks = np.array(mx.sum(logits > tgt_logit, axis=-1))  # (H, g)
         for i in range(H):

@@ -1,0 +1,53 @@
+"""Tree sizing: acceptance statistics, the choice of tree, tree_from_paths."""
+
+from __future__ import annotations
+
+from mlx_specstream.calibrate import acceptance_stats, choose_tree, measure_cost
+from mlx_specstream.config import SpecStreamConfig
+from mlx_specstream.decode import DecodeStats, speculative_steps
+from mlx_specstream.model import SpecStreamModel
+from mlx_specstream.tree import best_paths, tree_from_paths, tree_paths
+from tinymodels import tiny_base
+
+import mlx.core as mx
+
+
+def test_tree_from_paths_round_trip() -> None:
+    paths = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
+    tree = tree_from_paths(paths)
+    assert tree.size == 6
+    assert sorted(tree_paths(tree)) == sorted(paths)
+    assert tree.kmax == 2
+
+
+def test_best_paths_is_a_tree_of_the_most_probable_paths() -> None:
+    probs = {(0,): 0.7, (1,): 0.1, (0, 0): 0.5, (0, 1): 0.05, (0, 0, 0): 0.3, (2,): 0.02}
+    assert best_paths(probs, 4) == [(0,), (0, 0), (0, 0, 0)]
+    assert best_paths(probs, 5) == [(0,), (0, 0), (0, 0, 0), (1,)]
+    assert best_paths({}, 8) == []
+
+
+def test_choose_tree_trades_tokens_against_cost() -> None:
+    accept = {"path_prob": {"0": 0.8, "0,0": 0.6, "0,0,0": 0.4, "1": 0.1}}
+    cheap = {"autoregressive": 1.0, "tree": {"1": 1.0, "2": 1.0, "3": 1.0, "4": 1.0, "5": 1.0}}
+    assert choose_tree(cheap, accept)["best"]["nodes"] == 5
+    steep = {"autoregressive": 1.0, "tree": {"1": 1.0, "2": 1.9, "4": 3.5}}
+    assert choose_tree(steep, accept)["best"]["nodes"] == 1
+
+
+def test_acceptance_stats_and_cost_on_a_model_that_repeats_itself() -> None:
+    """Weak weights make greedy output repeat one token and untrained streams (~ the
+    main state) predict it too: rank 0 at every depth."""
+    base = tiny_base("llama", seed=3, spread=0.02)
+    model = SpecStreamModel(base, SpecStreamConfig(num_streams=3, stream_layers=2))
+    stats = acceptance_stats(model, [[1, 5, 7, 9]], max_tokens=20, progress=False)
+    probs = stats["path_prob"]
+    assert probs["0"] > 0.8 and probs["0,0,0"] > 0.5
+    cost = measure_cost(model, sizes=(1, 2, 4), context=16, repeat=1, progress=False)
+    assert set(cost["tree"]) == {"1", "2", "4"} and cost["autoregressive"] > 0
+    choice = choose_tree(cost, stats)
+    tree = tree_from_paths(choice["tree_paths"])
+    out = list(speculative_steps(model, mx.array([1, 5, 7, 9]), 20, DecodeStats(), tree))
+    ref = list(speculative_steps(model, mx.array([1, 5, 7, 9]), 20, DecodeStats(),
+                                 tree_from_paths([])))
+    assert out == ref
