@@ -25,7 +25,6 @@ import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load, stream_generate
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 from mlx_lm.utils import load as mlx_lm_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +35,7 @@ class Run:
     tokens: list[int]
     seconds: float  # from the first generated token to the last (decode time)
     passes: int  # forward passes after the prefill
+    step_tokens: int = 0  # tokens those passes produced (EOS included)
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Row:
     tokens: int = 0
     seconds: float = 0.0
     passes: int = 0
+    step_tokens: int = 0
     identical: int = 0
     prompts: int = 0
     extra: dict = field(default_factory=dict)
@@ -54,7 +55,7 @@ class Row:
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.tokens / self.passes if self.passes else 0.0
+        return self.step_tokens / self.passes if self.passes else 0.0
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -67,18 +68,23 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
-def run_mlx_lm(model, eos: set[int]) -> Callable[[list[int], int], Run]:
+def run_mlx_lm(model, tokenizer) -> Callable[[list[int], int], Run]:
+    """mlx-lm's stream_generate, greedy: what a user of mlx-lm runs (detokenizing too)."""
+    from mlx_lm.generate import stream_generate as mlx_stream
+
+    eos = set(tokenizer.eos_token_ids)
+
     def go(ids: list[int], n: int) -> Run:
         toks: list[int] = []
         t0 = None
-        for tok, _ in generate_step(mx.array(ids), model, max_tokens=n):
-            tok = int(tok)
+        for r in mlx_stream(model, tokenizer, ids, max_tokens=n):
             if t0 is None:
                 t0 = time.perf_counter()
-            if tok in eos:
+            if r.token in eos:
                 break
-            toks.append(tok)
-        return Run(toks, time.perf_counter() - t0, max(len(toks) - 1, 0))
+            toks.append(r.token)
+        passes = max(len(toks) - 1, 0)
+        return Run(toks, time.perf_counter() - t0, passes, passes)
 
     return go
 
@@ -124,7 +130,9 @@ def run_ours(model, tokenizer, **opts) -> Callable[[list[int], int], Run]:
             last = r
             if r.token not in tokenizer.eos_token_ids:
                 toks.append(r.token)
-        return Run(toks, time.perf_counter() - t0, last.forward_passes if last else 0)
+        passes = last.forward_passes if last else 0
+        step_tokens = round(last.tokens_per_pass * passes) if last else 0
+        return Run(toks, time.perf_counter() - t0, passes, step_tokens)
 
     return go
 
@@ -170,16 +178,20 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = str(default_model_path())
     ref_model, _ = mlx_lm_load(folder)
-    eos = set(tokenizer.eos_token_ids)
     prompts = chat_prompts(tokenizer, args.prompts)
 
+    from mlx_specstream.decode import default_tree
+
+    tree = default_tree(model.cfg)
+    default_name = (f"SS calibrated tree ({tree.size} nodes)" if model.cfg.tree_paths is not None
+                    else f"SS product tree {model.cfg.tree_topk}")
     methods: dict[str, Callable[[list[int], int], Run]] = {
-        "mlx-lm autoregressive": run_mlx_lm(ref_model, eos),
+        "mlx-lm autoregressive": run_mlx_lm(ref_model, tokenizer),
         "ours autoregressive": run_ours(model, tokenizer, speculative=False),
-        f"SS tree {model.cfg.tree_topk}": run_ours(model, tokenizer),
+        default_name: run_ours(model, tokenizer),
     }
     if args.prune_threshold:
-        methods[f"SS tree {model.cfg.tree_topk} prune {args.prune_threshold}"] = run_ours(
+        methods[f"{default_name} prune {args.prune_threshold}"] = run_ours(
             model, tokenizer, prune_threshold=args.prune_threshold)
     if args.peers:
         methods["ours prompt lookup"] = run_ours(model, tokenizer, drafter="lookup")
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             run_mlx_lm_draft(ref_model, draft, tokenizer, 3))
     for spec in args.tree_topk or []:
         topk = [int(x) for x in spec.split(",")]
-        methods[f"SS tree {topk}"] = run_ours(model, tokenizer, tree_topk=topk)
+        methods[f"SS product tree {topk}"] = run_ours(model, tokenizer, tree_topk=topk)
 
     rows = {name: Row(name) for name in methods}
     # warm-up (allocations, first-call costs)
@@ -205,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             row.tokens += max(len(r.tokens) - 1, 0)  # the first token comes from the prefill
             row.seconds += r.seconds
             row.passes += r.passes
+            row.step_tokens += r.step_tokens
             row.identical += int(r.tokens == ref)
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
 
