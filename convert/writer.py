@@ -378,7 +378,12 @@ def convert_checkpoint(
         else:
             config.pop("quantization", None)
         config["torch_dtype"] = dtype
-        config[CONFIG_KEY] = spec_config.to_dict()
+        section = spec_config.to_dict()
+        if section.get("tree_paths") is None:
+            # Fresh streams accept nothing yet: until they are trained (and the tree is
+            # calibrated) a one-node tree, i.e. plain decoding, is the fastest choice.
+            section["tree_paths"] = []
+        config[CONFIG_KEY] = section
         from mlx_lm.utils import save_config
 
         save_config(config, tmp / "config.json")

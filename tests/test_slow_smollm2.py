@@ -10,6 +10,7 @@ from pathlib import Path
 from mlx_specstream import load
 from mlx_specstream.config import STREAMS_FILE
 from mlx_specstream.decode import DecodeStats, speculative_steps
+from mlx_specstream.tree import product_tree
 
 import mlx.core as mx
 import pytest
@@ -77,7 +78,10 @@ def _lossless(folder: Path) -> DecodeStats:
     for i, ids in enumerate(prompts(tokenizer, NUM_PROMPTS)):
         expected = [int(t) for t, _ in generate_step(mx.array(ids), ref, max_tokens=NEW_TOKENS)]
         stats = DecodeStats()
-        got = list(speculative_steps(model, mx.array(ids), NEW_TOKENS, stats))
+        # the product tree, not the folder's calibrated one (an untrained folder's is the
+        # root alone): every pass verifies a full tree
+        got = list(speculative_steps(model, mx.array(ids), NEW_TOKENS, stats,
+                                     product_tree(model.cfg.tree_topk)))
         if got != expected:
             mismatches.append(i)
         total.forward_passes += stats.forward_passes

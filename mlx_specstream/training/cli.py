@@ -81,6 +81,9 @@ def _spec(args: argparse.Namespace, base_cfg: SpecStreamConfig) -> SpecStreamCon
         v = getattr(args, key)
         if v is not None:
             d[key] = v
+    # New streams: the product tree of tree_topk until `mlx-specstream calibrate` sizes
+    # the tree for this machine (a tree calibrated for the old streams no longer fits).
+    d["tree_paths"] = None
     if args.tree_topk is not None:
         d["tree_topk"] = args.tree_topk
     elif len(d["tree_topk"]) > d["num_streams"]:
