@@ -211,7 +211,10 @@ def calibrate_folder(
         _write_json(folder / CALIBRATION_FILE, result)
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text())
-        config.setdefault(CONFIG_KEY, {})["tree_paths"] = choice["tree_paths"]
+        section = config.setdefault(CONFIG_KEY, {})
+        section["tree_paths"] = choice["tree_paths"]
+        best = choice["best"]
+        section["draft_cost_ratio"] = round(best["seconds"] / cost["autoregressive"], 3)
         _write_json(config_path, config)
         plot(result, folder / "calibration.png")
     return result

@@ -26,6 +26,9 @@ class SpecStreamConfig:
     stream_lora_scale: LoRA scale (alpha / rank).
     tree_paths: a calibrated tree as rank paths (see tree.tree_from_paths); when set it
         replaces the product tree of ``tree_topk`` (`mlx-specstream calibrate` writes it).
+    draft_cost_ratio: cost of a tree pass over a plain pass on this machine (calibrate
+        writes it); while the running tokens per pass stays below it, decoding pauses
+        drafting for a few tokens.  0 never pauses.
     """
 
     num_streams: int = 3
@@ -36,6 +39,7 @@ class SpecStreamConfig:
     stream_lora_rank: int = 0
     stream_lora_scale: float = 2.0
     tree_paths: list[list[int]] | None = None
+    draft_cost_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +60,8 @@ class SpecStreamConfig:
                 f"tree_topk has {len(self.tree_topk)} depths but there are only "
                 f"{self.num_streams} streams"
             )
+        if self.draft_cost_ratio < 0:
+            raise ValueError(f"draft_cost_ratio must be >= 0, got {self.draft_cost_ratio}")
         if not 0.0 <= self.prune_threshold < 1.0:
             raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
         if self.adapter_rank < 1:

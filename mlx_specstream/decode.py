@@ -48,6 +48,9 @@ def _topk_indices(logits: mx.array, k: int) -> mx.array:
     return mx.take_along_axis(part, order, axis=-1)
 
 
+PAUSE_TOKENS = 16
+
+
 def default_tree(cfg: SpecStreamConfig) -> Tree:
     """The calibrated tree when the config has one, else the product tree."""
     if cfg.tree_paths is not None:
@@ -171,7 +174,33 @@ def speculative_steps(
     produced += 1
     yield first
 
+    # Adaptive pause: when the running tokens per pass drops below what a tree pass costs
+    # relative to a plain one (cfg.draft_cost_ratio, measured by calibrate), drafting
+    # loses time; decode PAUSE_TOKENS tokens plainly (streams only on the last of them,
+    # to draft again), then probe the tree again.
+    ratio = cfg.draft_cost_ratio
+    ema = ratio + 1.0  # optimistic start
+    paused = 0
     while produced < max_tokens:
+        if paused > 0:
+            if cache.offset + 1 > limit:
+                return
+            paused -= 1
+            streams = paused == 0
+            pos = mx.array([cache.offset])
+            x = model.upper_hidden(model.lower(root, pos, None, cache), pos, None, cache,
+                                   None, streams)[0]
+            logits = model.head(x)
+            root = mx.argmax(logits[:1], axis=-1)
+            if streams:
+                cands = draft(logits[1:])
+                ema = ratio + 1.0
+            cache.commit()
+            stats.forward_passes += 1
+            stats.step_tokens += 1
+            produced += 1
+            yield int(root.item())
+            continue
         if cache.offset + tree.size > limit:
             return  # context full
         off = cache.offset
@@ -210,6 +239,9 @@ def speculative_steps(
         stats.tree_nodes += n
         for d in range(1, len(path)):
             stats.accepted_per_depth[d - 1] += 1
+        ema = 0.7 * ema + 0.3 * len(path)
+        if ratio > 0 and ema < ratio:
+            paused = PAUSE_TOKENS
         # Commit: lower layers hold every node, upper layers the kept ones.
         if kept is None:
             cache.commit(path)

@@ -220,3 +220,31 @@ def test_prompt_lookup_is_lossless_and_accepts_copies() -> None:
     stats = DecodeStats()
     assert list(lookup_steps(weak, PROMPT, 41, stats)) == ref
     assert stats.tokens_per_pass > 2.0
+
+
+def test_adaptive_pause_when_drafts_do_not_pay() -> None:
+    """Wrong streams and a tree pass costing 1.5 plain passes: drafting pauses, the output
+    is unchanged, and most passes are plain ones."""
+    model = FakeModel(3, [3, 2, 1], streams_right=False, exit_probs="uniform")
+    model.cfg.draft_cost_ratio = 1.5
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 60, stats))
+    assert out == truth(3, 60)
+    tree_passes = stats.tree_nodes // 16
+    assert tree_passes < stats.forward_passes / 3
+
+
+def test_no_pause_when_drafts_pay() -> None:
+    model = FakeModel(3, [3, 2, 1], streams_right=True, exit_probs="uniform")
+    model.cfg.draft_cost_ratio = 1.5
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 1 + 7 * 4, stats))
+    assert out == truth(3, 29)
+    assert stats.tokens_per_pass == 4.0
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.3, 50.0])
+def test_adaptive_pause_is_lossless_on_a_real_model(ratio: float) -> None:
+    model = tiny_model("llama", lora_rank=4, random_lora=True, draft_cost_ratio=ratio)
+    ref = mlx_lm_greedy(model.base, PROMPT, 60)
+    assert list(speculative_steps(model, PROMPT, 60, DecodeStats())) == ref
