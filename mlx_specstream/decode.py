@@ -9,7 +9,7 @@ needed for acceptance (two with pruning: the pruned shape is decided mid-pass).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -97,13 +97,23 @@ def _prefill(
 
 
 def autoregressive_steps(
-    model: SpecStreamModel, prompt: mx.array, max_tokens: int, stats: DecodeStats
+    model: SpecStreamModel,
+    prompt: mx.array,
+    max_tokens: int,
+    stats: DecodeStats,
+    choose: Callable[[mx.array, mx.array | None], mx.array] | None = None,
 ) -> Iterator[int]:
-    """Plain greedy decoding in the same runtime (no streams), pipelined like mlx-lm:
-    the next pass is queued before the current token is read back."""
+    """Plain decoding in the same runtime (no streams), pipelined like mlx-lm: the next
+    pass is queued before the current token is read back.
+
+    choose(logits, previous token or None) picks the next token on the device; greedy
+    (argmax) by default.  sampled.py passes its sampler."""
     limit = check_context(model, prompt.shape[0], max_tokens)
+    if choose is None:
+        def choose(logits: mx.array, _prev: mx.array | None) -> mx.array:
+            return mx.argmax(logits)
     cache = model.make_cache()
-    y = mx.argmax(_prefill(model, prompt, cache, with_streams=False)[0])
+    y = choose(_prefill(model, prompt, cache, with_streams=False)[0], None)
     mx.async_eval(y)
     produced = 0
     while produced < max_tokens:
@@ -118,7 +128,7 @@ def autoregressive_steps(
                 False,
             )
             cache.commit()
-            nxt = mx.argmax(logits[0, -1])
+            nxt = choose(logits[0, -1], y)
             mx.async_eval(nxt)
         tok = int(y.item())
         produced += 1

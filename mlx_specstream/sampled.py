@@ -31,7 +31,14 @@ from collections.abc import Iterator
 import mlx.core as mx
 import numpy as np
 
-from .decode import DecodeStats, _prefill, _topk_indices, check_context, default_tree
+from .decode import (
+    DecodeStats,
+    _prefill,
+    _topk_indices,
+    autoregressive_steps,
+    check_context,
+    default_tree,
+)
 from .model import SpecStreamModel
 from .sampling import (
     SamplingParams,
@@ -63,42 +70,18 @@ def sampled_autoregressive_steps(
     stats: DecodeStats,
     params: SamplingParams,
 ) -> Iterator[int]:
-    """Autoregressive sampling in the same runtime (no streams), pipelined like
-    ``decode.autoregressive_steps``: the next pass is queued before a token is read."""
-    limit = check_context(model, prompt.shape[0], max_tokens)
+    """Autoregressive sampling in the same runtime (no streams): decode's pipelined
+    loop with this sampler choosing each token on the device."""
     rng = params.make_rng()
-    cache = model.make_cache()
     c = params.history_size
-    hist = prompt.reshape(-1).astype(mx.int32)[-c:] if c else None
-    logits = _prefill(model, prompt, cache, with_streams=False)[0]
-    y = _choose_on_device(logits, hist, params, rng)
-    mx.async_eval(y)
-    produced = 0
-    while produced < max_tokens:
-        nxt = None
-        if produced + 1 < max_tokens and cache.offset + 1 < limit:
-            if hist is not None:
-                hist = mx.concatenate([hist, y.reshape(1).astype(mx.int32)])[-c:]
-            logits, _ = model.upper(
-                model.lower(y.reshape(1, 1), mx.array([cache.offset]), None, cache),
-                mx.array([cache.offset]),
-                None,
-                cache,
-                None,
-                False,
-            )
-            cache.commit()
-            nxt = _choose_on_device(logits[0, -1], hist, params, rng)
-            mx.async_eval(nxt)
-        tok = int(y.item())
-        produced += 1
-        if produced > 1:
-            stats.forward_passes += 1
-            stats.step_tokens += 1
-        yield tok
-        if nxt is None:
-            return
-        y = nxt
+    hist = [prompt.reshape(-1).astype(mx.int32)[-c:] if c else None]
+
+    def choose(logits: mx.array, prev: mx.array | None) -> mx.array:
+        if prev is not None and hist[0] is not None:
+            hist[0] = mx.concatenate([hist[0], prev.reshape(1).astype(mx.int32)])[-c:]
+        return _choose_on_device(logits, hist[0], params, rng)
+
+    yield from autoregressive_steps(model, prompt, max_tokens, stats, choose)
 
 
 def _ancestry(tree: Tree) -> list[list[int]]:
