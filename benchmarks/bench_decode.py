@@ -22,9 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
-from mlx_specstream import load, stream_generate
+from mlx_specstream import stream_generate
 
 import mlx.core as mx
+from common import chat_prompts, load_pair
 from mlx_lm.utils import load as mlx_lm_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,16 +57,6 @@ class Row:
     @property
     def tokens_per_pass(self) -> float:
         return self.step_tokens / self.passes if self.passes else 0.0
-
-
-def chat_prompts(tokenizer, n: int) -> list[list[int]]:
-    from mlx_specstream.training.data import heldout_prompts
-
-    out = []
-    for text in heldout_prompts(n):
-        msgs = [{"role": "user", "content": text}]
-        out.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
-    return out
 
 
 def run_mlx_lm(model, tokenizer) -> Callable[[list[int], int], Run]:
@@ -171,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-layers", type=int, default=6)
     args = p.parse_args(argv)
 
-    model, tokenizer = load(args.model)
-    folder = args.model
-    if folder is None:
-        from mlx_specstream.default_model import default_model_path
-
-        folder = str(default_model_path())
-    ref_model, _ = mlx_lm_load(folder)
+    model, tokenizer, folder, ref_model = load_pair(args.model)
     prompts = chat_prompts(tokenizer, args.prompts)
 
     from mlx_specstream.decode import default_tree

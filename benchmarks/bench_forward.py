@@ -12,13 +12,12 @@ import sys
 import time
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
-from mlx_specstream import load
 from mlx_specstream.model import causal_mask
 
 import mlx.core as mx
+from common import load_pair
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-from mlx_lm.utils import load as mlx_lm_load
 
 
 def timeit(fn, repeat: int) -> float:
@@ -56,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,4,8,16,32,64")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
-    model, _ = load(args.model)
-    folder = args.model
-    if folder is None:
-        from mlx_specstream.default_model import default_model_path
-
-        folder = str(default_model_path())
-    ref, _ = mlx_lm_load(folder)
+    model, _, _, ref = load_pair(args.model)
     ctx = mx.random.randint(0, model.args.vocab_size, (args.context,))
 
     ref_cache = make_prompt_cache(ref)

@@ -25,12 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
-from mlx_specstream import load, stream_generate
+from mlx_specstream import stream_generate
 
 import mlx.core as mx
+from common import chat_prompts, load_pair
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import load as mlx_lm_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,25 +73,6 @@ class Row:
         if not self.accepted or not self.passes:
             return "-"
         return " ".join(f"{100.0 * a / self.passes:.0f}%" for a in self.accepted)
-
-
-def chat_prompts(tokenizer, n: int) -> list[list[int]]:
-    try:
-        from mlx_specstream.training.data import heldout_prompts
-
-        texts = heldout_prompts(n)
-    except ImportError:  # older builds: the last n chitchat conversations' first turns
-        from mlx_specstream.training.data import chitchat_path
-
-        data = json.loads(chitchat_path().read_text())
-        convos = list(data.values()) if isinstance(data, dict) else list(data)
-        texts = [
-            "\n".join(m["text"] for m in c["messages"][0] if m.get("text")) for c in convos[-n:]
-        ]
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
-        for t in texts
-    ]
 
 
 Method = Callable[[list[int], int, int], Run]
@@ -142,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     temps = [float(t) for t in args.temps.split(",") if t.strip()]
 
-    model, tokenizer = load(args.model)
-    folder = args.model
-    if folder is None:
-        from mlx_specstream.default_model import default_model_path
-
-        folder = str(default_model_path())
-    ref_model, _ = mlx_lm_load(folder)
+    model, tokenizer, folder, ref_model = load_pair(args.model)
     prompts = chat_prompts(tokenizer, args.prompts)
 
     ref_name = f"mlx-lm autoregressive temp {args.ref_temp}"
