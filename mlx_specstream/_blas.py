@@ -7,12 +7,17 @@ library loaded earlier with ``RTLD_GLOBAL`` takes precedence.  OpenBLAS (Debian'
 ``libopenblas0-pthread``) was measured best for this workload on the project's
 machines (PLATFORM.md): ~120 GFLOP/s GEMM, 1.7x cost for 16 tokens vs 1.
 
+In front of that BLAS sits a small shim (C, compiled once per machine with the system
+compiler into the cache folder): decode-time GEMMs are skinny (1 to 8 activation rows
+against a whole weight matrix), where OpenBLAS's packing GEMM reaches only about a third
+of the memory bandwidth.  The shim computes those as dot products that read each weight
+once (2-3x faster on the LM head here) and hands every other call to OpenBLAS.
+``MLX_SPECSTREAM_SHIM=0`` disables it; ``MLX_SPECSTREAM_SKINNY_M`` sets the row limit.
+
 Optional: OpenBLAS 0.3.3x from the PyPI wheel ``scipy-openblas32``
-(``MLX_SPECSTREAM_BLAS=wheel``).  Its symbols carry a ``scipy_`` prefix, so a 10-line
-shim exporting ``cblas_sgemm``/``cblas_dgemm`` is compiled once with the system C
-compiler into the cache folder.  Measured here on a quiet machine, 2-8 token passes ran
-15-25% faster with it than with Debian's 0.3.21; but when other processes load the
-cores its threads collapse (speculative passes 10-60x slower), so it is not the default.
+(``MLX_SPECSTREAM_BLAS=wheel``), whose symbols carry a ``scipy_`` prefix; the same shim
+exports them.  When other processes load the cores its threads collapse (speculative
+passes 10-60x slower were measured), so it is not the default.
 
 Set ``MLX_SPECSTREAM_BLAS`` to a library path to choose one, ``wheel`` for the wheel,
 or ``none`` to keep MLX's own.  macOS uses Accelerate through MLX and needs none of this.
@@ -46,6 +51,10 @@ CANDIDATES = (
 #: "too-late" (mlx.core was imported first).
 ACTIVE: str = "unset"
 _handle: ctypes.CDLL | None = None
+#: The compiled GEMM shim in front of that BLAS (None: MLX calls the BLAS directly).
+SHIM: Path | None = None
+#: The row limit of its skinny kernel (0: off).
+SHIM_MAX_M = 0
 
 
 def find_blas() -> str | None:
@@ -60,21 +69,130 @@ def find_blas() -> str | None:
     return None
 
 
-_SHIM_C = """
+_SHIM_C = r"""
+/* mlx-specstream's cblas_sgemm / cblas_dgemm, loaded before MLX so that MLX binds to
+   them.  Decode-time GEMMs are skinny: a few rows of activations (M = 1 token, or the
+   few nodes of a draft tree) against a whole weight matrix.  OpenBLAS runs those
+   through its packing GEMM and reaches about a third of the memory bandwidth.  For
+   M <= max_m (row-major, x @ W.T, the layout of every nn.Linear) this file computes
+   each output row as plain dot products that read W once, split over threads by rows
+   of W.  Each output element is summed in the same order whatever M is, so a token's
+   logits do not depend on how many tokens share its pass.  Every other call goes to
+   the real BLAS, whose functions the loader passes in (mlxss_init). */
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 typedef int I;
-extern void scipy_cblas_sgemm(I, I, I, I, I, I, float, const float *, I, const float *, I,
-                              float, float *, I);
-extern void scipy_cblas_dgemm(I, I, I, I, I, I, double, const double *, I, const double *, I,
-                              double, double *, I);
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+typedef void (*sgemm_t)(I, I, I, I, I, I, float, const float *, I, const float *, I, float,
+                        float *, I);
+typedef void (*dgemm_t)(I, I, I, I, I, I, double, const double *, I, const double *, I,
+                        double, double *, I);
+static sgemm_t real_sgemm;
+static dgemm_t real_dgemm;
+static int max_m, one_pool;
+/* set_threads: the BLAS's openblas_set_num_threads, or NULL.  With OpenMP, the BLAS is
+   made single-threaded and this file's pool runs every GEMM. */
+void mlxss_init(void *sgemm, void *dgemm, int m, void *set_threads) {
+  real_sgemm = (sgemm_t)sgemm; real_dgemm = (dgemm_t)dgemm; max_m = m;
+#ifdef _OPENMP
+  if (set_threads) { ((void (*)(int))set_threads)(1); one_pool = 1; }
+#endif
+}
+int mlxss_max_m(void) { return max_m; }
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline float hsum(v8 v) { float s = 0; for (int l = 0; l < 8; l++) s += v[l]; return s; }
+
+/* C[i, j] = al * <A[i, :], B[j, :]> + be * C[i, j], rows i0 .. i0+R-1, columns j0 .. j1-1 */
+#define ROWS(R)                                                                          \
+  static void rows##R(I i0, I k, float al, const float *a, I lda, const float *b, I ldb,   \
+                      float be, float *c, I ldc, I j0, I j1) {                           \
+    I k8 = k & ~7;                                                                       \
+    for (I j = j0; j < j1; j++) {                                                        \
+      const float *w = b + (long)j * ldb;                                                \
+      v8 acc[R];                                                                         \
+      for (int r = 0; r < R; r++) acc[r] = (v8){0};                                      \
+      for (I t = 0; t < k8; t += 8) {                                                    \
+        v8 wv = ld(w + t);                                                               \
+        for (int r = 0; r < R; r++) acc[r] += ld(a + (long)(i0 + r) * lda + t) * wv;      \
+      }                                                                                  \
+      for (int r = 0; r < R; r++) {                                                      \
+        const float *x = a + (long)(i0 + r) * lda;                                       \
+        float s = hsum(acc[r]);                                                          \
+        for (I t = k8; t < k; t++) s += x[t] * w[t];                                     \
+        float *o = c + (long)(i0 + r) * ldc + j;                                         \
+        *o = be == 0.0f ? al * s : al * s + be * *o;                                     \
+      }                                                                                  \
+    }                                                                                    \
+  }
+ROWS(1)
+ROWS(2)
+ROWS(4)
+
+static void skinny(I m, I n, I k, float al, const float *a, I lda, const float *b, I ldb,
+                   float be, float *c, I ldc) {
+#pragma omp parallel for schedule(static) if ((long)n * k > 65536)
+  for (I jb = 0; jb < n; jb += 64) {
+    I j1 = jb + 64 < n ? jb + 64 : n;
+    I i = 0;
+    for (; i + 4 <= m; i += 4) rows4(i, k, al, a, lda, b, ldb, be, c, ldc, jb, j1);
+    for (; i + 2 <= m; i += 2) rows2(i, k, al, a, lda, b, ldb, be, c, ldc, jb, j1);
+    for (; i < m; i++) rows1(i, k, al, a, lda, b, ldb, be, c, ldc, jb, j1);
+  }
+}
+
+/* Everything else: OpenBLAS single-threaded on slices of C, one slice per thread of
+   this file's OpenMP pool, so that one thread pool serves every GEMM (two pools that
+   spin on two cores starve each other). */
+static void sliced(I o, I ta, I tb, I m, I n, I k, float al, const float *a, I lda,
+                   const float *b, I ldb, float be, float *c, I ldc) {
+  int nt = 1;
+#ifdef _OPENMP
+  if ((double)m * n * k > 2e6) nt = omp_get_max_threads();
+#endif
+  if (nt <= 1 || o != RowMajor) {
+    real_sgemm(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+    return;
+  }
+  int by_cols = n >= m;
+  I total = by_cols ? n : m;
+  I step = ((total + nt - 1) / nt + 15) & ~15;
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+  for (int t = 0; t < nt; t++) {
+    I lo = t * step, hi = lo + step < total ? lo + step : total;
+    if (lo >= hi) continue;
+    if (by_cols) {
+      const float *bs = tb == Trans ? b + (long)lo * ldb : b + lo;
+      real_sgemm(o, ta, tb, m, hi - lo, k, al, a, lda, bs, ldb, be, c + lo, ldc);
+    } else {
+      const float *as = ta == NoTrans ? a + (long)lo * lda : a + lo;
+      real_sgemm(o, ta, tb, hi - lo, n, k, al, as, lda, b, ldb, be, c + (long)lo * ldc, ldc);
+    }
+  }
+}
+
 void cblas_sgemm(I o, I ta, I tb, I m, I n, I k, float al, const float *a, I lda,
                  const float *b, I ldb, float be, float *c, I ldc) {
-  scipy_cblas_sgemm(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+  if (o == RowMajor && ta == NoTrans && tb == Trans && m <= max_m && m > 0 && k > 0) {
+    skinny(m, n, k, al, a, lda, b, ldb, be, c, ldc);
+    return;
+  }
+  if (one_pool) sliced(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+  else real_sgemm(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
 }
+
 void cblas_dgemm(I o, I ta, I tb, I m, I n, I k, double al, const double *a, I lda,
                  const double *b, I ldb, double be, double *c, I ldc) {
-  scipy_cblas_dgemm(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+  real_dgemm(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
 }
 """
+
+#: Largest number of activation rows the skinny kernel takes (above it, BLAS GEMM wins
+#: on the project's 2-core machines).  ``MLX_SPECSTREAM_SKINNY_M`` overrides; 0 turns
+#: the kernel off (the shim then only forwards).
+SKINNY_MAX_M = 8
 
 
 def cache_home() -> Path:
@@ -90,9 +208,26 @@ def find_wheel_blas() -> Path | None:
     return hits[0] if hits else None
 
 
+# No FMA contraction: every path sums a row the same way (batch-invariant rows).
+_CFLAGS = "-O3 -ffp-contract=off -shared -fPIC"
+
+
+def _machine_tag() -> str:
+    """The CPU the shim is compiled for (it is built with -march=native)."""
+    tag = os.uname().machine
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    tag += line
+    except OSError:
+        pass
+    return tag
+
+
 def build_shim() -> Path | None:
-    """Compile (once) the cblas shim; None when no C compiler is available."""
-    digest = hashlib.sha1(_SHIM_C.encode()).hexdigest()[:12]
+    """Compile (once per machine) the cblas shim; None when no C compiler works."""
+    digest = hashlib.sha1((_SHIM_C + _CFLAGS + _machine_tag()).encode()).hexdigest()[:12]
     out = cache_home() / "blas" / f"libmlxss_cblas_{digest}.so"
     if out.exists():
         return out
@@ -104,30 +239,78 @@ def build_shim() -> Path | None:
         src = Path(tmp) / "shim.c"
         src.write_text(_SHIM_C)
         lib = Path(tmp) / out.name
-        try:
-            subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)],
-                           check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError):
+        base = [cc, *_CFLAGS.split(), "-o", str(lib), str(src)]
+        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            try:
+                subprocess.run(base + extra, check=True, capture_output=True, timeout=120)
+                break
+            except (OSError, subprocess.SubprocessError):
+                continue
+        else:
             return None
         os.replace(lib, out)
     return out
 
 
+def _skinny_max_m() -> int:
+    raw = os.environ.get("MLX_SPECSTREAM_SKINNY_M", "").strip()
+    try:
+        return max(0, int(raw)) if raw else SKINNY_MAX_M
+    except ValueError:
+        return SKINNY_MAX_M
+
+
+def _install_shim(lib: ctypes.CDLL, sgemm: str, dgemm: str, set_threads: str) -> bool:
+    """Load the shim globally (before ``lib``'s own symbols are looked up by MLX) and
+    point it at ``lib``'s GEMMs.  False when no shim could be built or loaded."""
+    global SHIM, SHIM_MAX_M
+    shim_path = build_shim()
+    if shim_path is None:
+        return False
+    try:
+        shim = ctypes.CDLL(str(shim_path), mode=ctypes.RTLD_GLOBAL)
+        s_ptr = ctypes.cast(getattr(lib, sgemm), ctypes.c_void_p)
+        d_ptr = ctypes.cast(getattr(lib, dgemm), ctypes.c_void_p)
+    except (OSError, AttributeError):
+        return False
+    try:
+        t_ptr = ctypes.cast(getattr(lib, set_threads), ctypes.c_void_p)
+    except AttributeError:
+        t_ptr = ctypes.c_void_p(None)
+    if os.environ.get("MLX_SPECSTREAM_ONE_POOL", "1").strip() == "0":
+        t_ptr = ctypes.c_void_p(None)
+    shim.mlxss_init(s_ptr, d_ptr, ctypes.c_int(_skinny_max_m()), t_ptr)
+    SHIM = shim_path
+    SHIM_MAX_M = _skinny_max_m()
+    return True
+
+
 def _load_wheel_blas() -> str | None:
+    """The scipy-openblas32 wheel behind the shim (its own symbols are prefixed)."""
     lib = find_wheel_blas()
     if lib is None:
         return None
-    shim = build_shim()
-    if shim is None:
-        return None
     global _handle
     try:
-        handle = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+        handle = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
     except OSError:
+        return None
+    if not _install_shim(handle, "scipy_cblas_sgemm", "scipy_cblas_dgemm",
+                         "scipy_openblas_set_num_threads"):
         return None
     _handle = handle
     return str(lib)
+
+
+def _load_system_blas(path: str) -> None:
+    """A system OpenBLAS, behind the shim when it builds (else directly)."""
+    global _handle
+    handle = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+    if os.environ.get("MLX_SPECSTREAM_SHIM", "1").strip() != "0":
+        _install_shim(handle, "cblas_sgemm", "cblas_dgemm", "openblas_set_num_threads")
+    # Then globally, for MLX's other BLAS/LAPACK symbols; the shim's GEMMs, loaded
+    # first, stay the ones MLX binds to.
+    _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
 def setup() -> str:
@@ -175,7 +358,7 @@ def setup() -> str:
         )
         return ACTIVE
     try:
-        _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _load_system_blas(path)
     except OSError as e:
         ACTIVE = "unavailable"
         warnings.warn(f"Could not load BLAS {path}: {e}", RuntimeWarning, stacklevel=3)

@@ -51,11 +51,29 @@ def _stock_gflops(n: int) -> float | None:
         return None
 
 
+def matvec_gbps(rows: int = 49152, cols: int = 576, repeat: int = 10) -> float:
+    """GB/s of weight read by a 1-row fp32 matmul the shape of an LM head: the kind of
+    GEMM a decode step is made of."""
+    import mlx.core as mx
+
+    w = mx.random.normal((rows, cols))
+    x = mx.random.normal((1, cols))
+    mx.eval(w, x)
+    mx.eval(x @ w.T)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        mx.eval(x @ w.T)
+        best = min(best, time.perf_counter() - t)
+    return w.nbytes / best / 1e9
+
+
 def report(n: int = 2048, stock: bool = True) -> dict[str, object]:
     import mlx.core as mx
 
     info: dict[str, object] = {
         "blas": _blas.ACTIVE,
+        "gemm_shim": str(_blas.SHIM) if _blas.SHIM else None,
         "mlx_version": mx.__version__,
         "default_device": str(mx.default_device()),
         "metal_available": bool(getattr(mx, "metal", None) and mx.metal.is_available()),
@@ -66,6 +84,7 @@ def report(n: int = 2048, stock: bool = True) -> dict[str, object]:
     info["mlx_gflops"] = round(g["mlx"], 1)
     info["numpy_gflops"] = round(g["numpy"], 1)
     info["ratio_to_numpy"] = round(g["mlx"] / g["numpy"], 3)
+    info["decode_matvec_gbps"] = round(matvec_gbps(), 1)
     if stock and _blas.ACTIVE not in ("none", "not-linux"):
         s = _stock_gflops(n)
         info["stock_mlx_gflops"] = round(s, 1) if s is not None else None
@@ -89,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
           f"Metal {info['metal_available']}, CUDA {info['cuda_available']}")
     print(f"fp32 {args.size}x{args.size} matmul: MLX {info['mlx_gflops']} GFLOP/s, "
           f"numpy {info['numpy_gflops']} GFLOP/s ({100 * info['ratio_to_numpy']:.0f}% of numpy)")
+    print(f"decode-shaped matmul (1 x 576 x 49152): {info['decode_matvec_gbps']} GB/s of "
+          f"weights; GEMM shim: {info['gemm_shim'] or 'off'}")
     if "stock_mlx_gflops" in info:
         print(f"MLX with its bundled BLAS  : {info['stock_mlx_gflops']} GFLOP/s")
     if info["blas"] in ("unavailable", "too-late"):
