@@ -3,12 +3,11 @@ row's result does not depend on how many rows share the call (up to the skinny l
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 from mlx_specstream import _blas
 
 import mlx.core as mx
+import numpy as np
+import pytest
 
 needs_shim = pytest.mark.skipif(_blas.SHIM is None, reason="no GEMM shim on this machine")
 
