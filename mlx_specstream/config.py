@@ -9,6 +9,7 @@ from typing import Any
 CONFIG_KEY = "speculative_streaming"
 STREAMS_FILE = "specstream.safetensors"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DRAFT_METHODS = ("streams", "medusa")
 
 
 @dataclass
@@ -29,6 +30,11 @@ class SpecStreamConfig:
     draft_cost_ratio: cost of a tree pass over a plain pass on this machine (calibrate
         writes it); while the running tokens per pass stays below it, decoding pauses
         drafting for a few tokens.  0 never pauses.
+    draft_method: "streams" (Speculative Streaming: multi-stream attention in the top
+        ``stream_layers`` layers) or "medusa" (the baseline the paper compares with:
+        ``num_streams`` residual heads on the last hidden state, read out through the
+        model's final norm and LM head; no stream rows in any layer).  Both fill the
+        same slots of a pass, so the tree, pruning and acceptance code is shared.
     """
 
     num_streams: int = 3
@@ -40,6 +46,7 @@ class SpecStreamConfig:
     stream_lora_scale: float = 2.0
     tree_paths: list[list[int]] | None = None
     draft_cost_ratio: float = 0.0
+    draft_method: str = "streams"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +71,14 @@ class SpecStreamConfig:
             raise ValueError(f"draft_cost_ratio must be >= 0, got {self.draft_cost_ratio}")
         if not 0.0 <= self.prune_threshold < 1.0:
             raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
+        if self.draft_method not in DRAFT_METHODS:
+            raise ValueError(
+                f"draft_method must be one of {', '.join(DRAFT_METHODS)}, got "
+                f"{self.draft_method!r}"
+            )
+        if self.draft_method == "medusa" and self.stream_lora_rank:
+            raise ValueError("medusa heads have no stream rows in the layers: stream_lora_rank "
+                             "must be 0")
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
         self.tree_topk = [int(k) for k in self.tree_topk]
@@ -86,4 +101,7 @@ class SpecStreamConfig:
 
     def extra_parameters(self, hidden_size: int) -> int:
         """Parameters added by the method, not counting the optional stream LoRA."""
-        return self.num_streams * hidden_size + 2 * self.adapter_rank * hidden_size
+        adapter = 2 * self.adapter_rank * hidden_size
+        if self.draft_method == "medusa":
+            return self.num_streams * (hidden_size + 1) * hidden_size + adapter
+        return self.num_streams * hidden_size + adapter

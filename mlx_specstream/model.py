@@ -60,7 +60,10 @@ def _linear_dims(layer: nn.Module) -> tuple[int, int]:
 class StreamParams(nn.Module):
     """Everything the method adds to a model.
 
-    stream_embeddings: P, (num_streams, hidden)
+    stream_embeddings: P, (num_streams, hidden) (draft_method "streams")
+    medusa_weight, medusa_bias: (num_streams, hidden, hidden), (num_streams, hidden): the
+        residual heads of draft_method "medusa"; zero, i.e. a copy of the main head, at
+        initialisation
     exit_adapter: the rank-r pruning adapter on the main hidden state entering the MSA
         layers, read out through the model's own final norm and LM head
     stream_lora: optional per-MSA-layer LoRA adapters applied to stream rows only
@@ -69,7 +72,11 @@ class StreamParams(nn.Module):
     def __init__(self, base: nn.Module, cfg: SpecStreamConfig) -> None:
         super().__init__()
         hidden = base.args.hidden_size
-        self.stream_embeddings = mx.random.normal((cfg.num_streams, hidden)) * 0.02
+        if cfg.draft_method == "medusa":
+            self.medusa_weight = mx.zeros((cfg.num_streams, hidden, hidden))
+            self.medusa_bias = mx.zeros((cfg.num_streams, hidden))
+        else:
+            self.stream_embeddings = mx.random.normal((cfg.num_streams, hidden)) * 0.02
         self.exit_adapter = LoRA(hidden, hidden, cfg.adapter_rank, 1.0)
         self.stream_lora: list[dict[str, LoRA]] = []
         if cfg.stream_lora_rank > 0:
@@ -215,6 +222,15 @@ class SpecStreamModel(nn.Module):
     def stream_logits(self, stream_hidden: mx.array) -> mx.array:
         return self.head(stream_hidden)
 
+    def medusa_hidden(self, top: mx.array) -> mx.array:
+        """Medusa heads on last hidden states (B, S, D): (B, S, g, D), head k giving
+        ``top + silu(W_k top + b_k)`` (read out by ``head`` like a stream row)."""
+        B, S, D = top.shape
+        g = self.cfg.num_streams
+        w = self.streams.medusa_weight.reshape(g * D, D)
+        y = (top @ w.T).reshape(B, S, g, D) + self.streams.medusa_bias
+        return top[:, :, None, :] + nn.silu(y)
+
     def _layer(
         self,
         index: int,
@@ -309,6 +325,13 @@ class SpecStreamModel(nn.Module):
         in ``stream_rows`` (all tokens when None) ordered (token, stream)."""
         B, L, D = h.shape
         positions = self._positions(positions, B)
+        if with_streams and self.cfg.draft_method == "medusa":
+            x, m = h, self._mask(mask, cache, L)
+            for i in range(self.split, self.num_layers):
+                x = self._layer(i, x, positions, m, cache, L)
+            rows = x if stream_rows is None else x[:, stream_rows.astype(mx.int32)]
+            heads = self.medusa_hidden(rows)
+            return mx.concatenate([x, heads.reshape(B, -1, D)], axis=1)
         if with_streams:
             g = self.cfg.num_streams
             rows = mx.arange(L) if stream_rows is None else stream_rows.astype(mx.int32)

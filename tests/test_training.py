@@ -328,3 +328,27 @@ def test_sparse_objective_equals_dense():
         assert abs(sparse.ce[k].item() - dense.ce[k].item()) < 1e-3, k
         assert sparse.correct[k].item() == dense.correct[k].item(), k
     assert abs(sparse.loss.item() - (dense.loss.item() - dense.ce["main"].item() / 13)) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["streams", "medusa"])
+def test_task_sparse_objective_equals_dense(method: str):
+    from mlx_specstream.training.trainer import sparse_targets, task_sparse_terms
+
+    cfg = {"draft_method": method} if method == "medusa" else {"lora_rank": 2, "random_lora": True}
+    model = tiny_model("llama", **cfg)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, VOCAB, (3, 11)).astype(np.int32)
+    targets = np.zeros((3, 11), dtype=bool)
+    targets[0, 4:11] = True
+    targets[1, 7:9] = True
+    targets[2, 2:6] = True
+    toks = mx.array(tokens)
+    main, sl, el = model(toks, with_streams=True, with_exit=True)
+    dense = ngram_terms(toks, mx.array(targets), main, sl, el, 1.0, None)
+    sparse = task_sparse_terms(model, toks, sparse_targets(tokens, targets, 3), True, True,
+                               1.0, None)
+    for k in ("main", "s1", "s2", "s3", "exit"):
+        assert sparse.count[k].item() == dense.count[k].item(), k
+        assert abs(sparse.ce[k].item() - dense.ce[k].item()) < 1e-3, k
+        assert sparse.correct[k].item() == dense.correct[k].item(), k
+    assert abs(sparse.loss.item() - dense.loss.item()) < 1e-4

@@ -24,14 +24,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--data", required=True, help="folder with train.jsonl and valid.jsonl")
     p.add_argument("--mode", choices=["lossless", "task"], default="lossless")
-    p.add_argument("--adapter-path", default=None,
-                   help="save into this folder instead of the model folder (required in task mode)")
+    p.add_argument(
+        "--adapter-path",
+        default=None,
+        help="save into this folder instead of the model folder (required in task mode)",
+    )
     p.add_argument("--streams-path", default=None, help="start from the streams in this folder")
     p.add_argument("--reinit", action="store_true", help="start from fresh streams")
+    p.add_argument(
+        "--no-streams",
+        action="store_true",
+        help="task mode: train the LoRA alone (plain fine-tuning; decodes plainly)",
+    )
     g = p.add_argument_group("streams")
     g.add_argument("--num-streams", type=int, default=None, help="gamma (default: config's)")
     g.add_argument("--stream-layers", type=int, default=None, help="MSA layers (default: config's)")
-    g.add_argument("--stream-lora-rank", type=int, default=32)
+    g.add_argument(
+        "--draft-method",
+        choices=["streams", "medusa"],
+        default=None,
+        help="speculative streams (the method) or medusa heads (the baseline)",
+    )
+    g.add_argument(
+        "--stream-lora-rank",
+        type=int,
+        default=None,
+        help="stream-only LoRA rank of the MSA layers (default 32; medusa: 0)",
+    )
     g.add_argument("--stream-lora-scale", type=float, default=None)
     g.add_argument("--adapter-rank", type=int, default=None, help="pruning adapter rank")
     g.add_argument("--tree-topk", type=int, nargs="+", default=None)
@@ -40,44 +59,86 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--iters", type=int, default=None, help="optimizer steps (default: --epochs)")
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--batch-tokens", type=int, default=2048,
-                   help="tokens (batch x length, padding included) per micro-batch")
+    t.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=2048,
+        help="tokens (batch x length, padding included) per micro-batch",
+    )
     t.add_argument("--max-seq-len", type=int, default=512)
     t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--embed-lr", type=float, default=None, help="lr of the stream embeddings")
+    t.add_argument(
+        "--embed-lr",
+        type=float,
+        default=None,
+        help="lr of the stream embeddings (or of the medusa heads)",
+    )
     t.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--alpha0", type=float, default=1.0)
-    t.add_argument("--alphas", type=float, nargs="+", default=None,
-                   help="per-stream loss weights (default 0.1 each)")
-    t.add_argument("--exit-phase", choices=["joint", "after", "none"], default="joint",
-                   help="train the pruning adapter with the streams, after them, or not")
+    t.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="per-stream loss weights (default 0.1 each)",
+    )
+    t.add_argument(
+        "--exit-phase",
+        choices=["joint", "after", "none"],
+        default="joint",
+        help="train the pruning adapter with the streams, after them, or not",
+    )
     t.add_argument("--exit-iters", type=int, default=0)
     t.add_argument("--lora-rank", type=int, default=32, help="task-mode LoRA rank")
     t.add_argument("--lora-scale", type=float, default=2.0, help="task-mode LoRA scale")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-mask-prompt", action="store_true",
-                   help="also train on prompt tokens of chat / completion records")
+    t.add_argument(
+        "--no-mask-prompt",
+        action="store_true",
+        help="also train on prompt tokens of chat / completion records",
+    )
     t.add_argument("--max-train", type=int, default=None, help="use the first N records")
     t.add_argument("--max-valid", type=int, default=None)
-    t.add_argument("--cache-gb", type=float, default=4.0,
-                   help="RAM for frozen features kept across epochs (lossless)")
+    t.add_argument(
+        "--cache-gb",
+        type=float,
+        default=4.0,
+        help="RAM for frozen features kept across epochs (lossless)",
+    )
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-every", type=int, default=0)
-    c.add_argument("--checkpoint-dir", default=None,
-                   help="default: <save folder>/checkpoints when --checkpoint-every is set")
+    c.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="default: <save folder>/checkpoints when --checkpoint-every is set",
+    )
     c.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
-    c.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step (checkpointed; continue with --resume)")
+    c.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this step (checkpointed; continue with --resume)",
+    )
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _spec(args: argparse.Namespace, base_cfg: SpecStreamConfig) -> SpecStreamConfig:
     d = base_cfg.to_dict()
-    for key in ("num_streams", "stream_layers", "adapter_rank", "stream_lora_rank",
-                "stream_lora_scale", "prune_threshold"):
+    if args.draft_method is not None:
+        d["draft_method"] = args.draft_method
+    if args.stream_lora_rank is None:
+        args.stream_lora_rank = 0 if d["draft_method"] == "medusa" else 32
+    for key in (
+        "num_streams",
+        "stream_layers",
+        "adapter_rank",
+        "stream_lora_rank",
+        "stream_lora_scale",
+        "prune_threshold",
+    ):
         v = getattr(args, key)
         if v is not None:
             d[key] = v
@@ -114,34 +175,67 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         model, tok = load(model_path, streams_path=args.streams_path)
     spec = _spec(args, model.cfg)
+    if args.no_streams:
+        spec.tree_paths = []  # untrained streams: decode plainly
     model = prepare_model(model, spec, reinit=args.reinit, seed=args.seed)
 
     tc = TrainConfig(
-        mode=args.mode, iters=args.iters, epochs=args.epochs, grad_accum=args.grad_accum,
-        lr=args.lr, embed_lr=args.embed_lr, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, alpha0=args.alpha0, alphas=args.alphas,
-        exit_phase=args.exit_phase, exit_iters=args.exit_iters, lora_rank=args.lora_rank,
-        lora_scale=args.lora_scale, seed=args.seed, cache_gb=args.cache_gb,
-        checkpoint_every=args.checkpoint_every, checkpoint_dir=ckpt, resume=args.resume,
+        mode=args.mode,
+        streams=not args.no_streams,
+        iters=args.iters,
+        epochs=args.epochs,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        embed_lr=args.embed_lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        alpha0=args.alpha0,
+        alphas=args.alphas,
+        exit_phase=args.exit_phase,
+        exit_iters=args.exit_iters,
+        lora_rank=args.lora_rank,
+        lora_scale=args.lora_scale,
+        seed=args.seed,
+        cache_gb=args.cache_gb,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=ckpt,
+        resume=args.resume,
         stop_at=args.stop_at,
     )
     mask = not args.no_mask_prompt
-    train_ex = load_split(args.data, "train", tok, mask_prompt=mask,
-                          max_seq_len=args.max_seq_len, limit=args.max_train)
+    train_ex = load_split(
+        args.data,
+        "train",
+        tok,
+        mask_prompt=mask,
+        max_seq_len=args.max_seq_len,
+        limit=args.max_train,
+    )
     try:
-        valid_ex = load_split(args.data, "valid", tok, mask_prompt=mask,
-                              max_seq_len=args.max_seq_len, limit=args.max_valid)
+        valid_ex = load_split(
+            args.data,
+            "valid",
+            tok,
+            mask_prompt=mask,
+            max_seq_len=args.max_seq_len,
+            limit=args.max_valid,
+        )
     except FileNotFoundError:
         valid_ex = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_b = make_batches(train_ex, args.batch_tokens, pad)
     valid_b = make_batches(valid_ex, args.batch_tokens, pad) if valid_ex else []
     ntok = sum(int(b.targets.sum()) for b in train_b)
-    print(f"model {model_path}: {len(model.layers)} layers, hidden {model.args.hidden_size}; "
-          f"streams {spec.num_streams}, MSA layers {spec.stream_layers}, "
-          f"stream LoRA rank {spec.stream_lora_rank}")
-    print(f"data: {len(train_ex)} train records ({ntok} target tokens, {len(train_b)} "
-          f"micro-batches), {len(valid_ex)} valid records")
+    print(
+        f"model {model_path}: {len(model.layers)} layers, hidden {model.args.hidden_size}; "
+        f"streams {spec.num_streams}, MSA layers {spec.stream_layers}, "
+        f"stream LoRA rank {spec.stream_lora_rank}"
+    )
+    print(
+        f"data: {len(train_ex)} train records ({ntok} target tokens, {len(train_b)} "
+        f"micro-batches), {len(valid_ex)} valid records"
+    )
 
     probe = None
     if args.mode == "lossless" and valid_b:
@@ -163,8 +257,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         save_streams(model, save_dir)
     extra = sum(v.size for v in model.stream_parameters().values())
-    print(f"saved to {save_dir} ({extra} stream parameters, "
-          f"{extra * 4 / 2**20:.2f} MiB fp32); training took {report['seconds']:.0f}s")
+    print(
+        f"saved to {save_dir} ({extra} stream parameters, "
+        f"{extra * 4 / 2**20:.2f} MiB fp32); training took {report['seconds']:.0f}s"
+    )
     if args.report:
         atomic_write_text(args.report, json.dumps(report, indent=2, default=float) + "\n")
     return 0

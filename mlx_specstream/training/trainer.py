@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
 from ..model import SpecStreamModel, build_msa_mask, causal_mask
 from .data import Batch, atomic_write_text, iterate_micro_batches
-from .loss import Terms, ngram_terms, stream_names
+from .loss import Terms, stream_names
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -43,11 +43,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 @dataclass
 class TrainConfig:
     mode: str = "lossless"  # lossless | task
+    streams: bool = True  # False: task-mode LoRA alone (the plain fine-tuning baseline)
     iters: int | None = None  # optimizer steps; None: from epochs
     epochs: float = 1.0
     grad_accum: int = 1
     lr: float = 5e-4
-    embed_lr: float | None = None  # lr of the stream embeddings P (None: lr)
+    embed_lr: float | None = None  # lr of the stream embeddings P / medusa heads (None: lr)
     warmup: float = 0.05  # fraction of the steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"mode must be 'lossless' or 'task', got {self.mode!r}")
         if self.exit_phase not in ("joint", "after", "none"):
             raise ValueError(f"exit_phase must be joint, after or none: {self.exit_phase!r}")
+        if not self.streams and self.mode != "task":
+            raise ValueError("training without streams only makes sense in task mode")
         if self.grad_accum < 1:
             raise ValueError("grad_accum must be >= 1")
 
@@ -108,9 +111,11 @@ class Features:
     h: mx.array  # (B, T, D) hidden state entering the MSA layers
     kv: dict[int, tuple[mx.array, mx.array]]  # MSA layer -> main keys, values
     main_logits: mx.array | None = None  # (B, T, V), only when asked
+    top: mx.array | None = None  # (B, T, D) last hidden state (medusa heads read it)
 
     def nbytes(self) -> int:
         n = self.h.nbytes + sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+        n += self.top.nbytes if self.top is not None else 0
         return n + (self.main_logits.nbytes if self.main_logits is not None else 0)
 
 
@@ -124,8 +129,10 @@ def frozen_features(model: SpecStreamModel, tokens: mx.array, with_main: bool = 
     x = h
     for i in range(model.split, model.num_layers):
         x = model._layer(i, x, positions, "causal", rec, T)
-    kv = {i: (mx.stop_gradient(k), mx.stop_gradient(v)) for i, (k, v) in rec.kv.items()}
     main = mx.stop_gradient(model.head(x)) if with_main else None
+    if model.cfg.draft_method == "medusa":  # the heads read only the last hidden state
+        return Features(h, {}, main, mx.stop_gradient(x))
+    kv = {i: (mx.stop_gradient(k), mx.stop_gradient(v)) for i, (k, v) in rec.kv.items()}
     return Features(h, kv, main)
 
 
@@ -133,7 +140,12 @@ def stream_hidden(
     model: SpecStreamModel, feats: Features, rows: mx.array | None = None
 ) -> mx.array:
     """Stream hidden states (B, S, gamma, D) after the MSA layers at positions ``rows``
-    (all when None), running only stream rows against the recorded main keys/values."""
+    (all when None), running only stream rows against the recorded main keys/values.
+    Medusa heads read the recorded last hidden state instead."""
+    if model.cfg.draft_method == "medusa":
+        assert feats.top is not None
+        top = feats.top if rows is None else feats.top[:, rows]
+        return model.medusa_hidden(top)
     h = feats.h
     B, T, D = h.shape
     g = model.cfg.num_streams
@@ -233,6 +245,48 @@ def sparse_terms(
     return Terms(loss, ce, correct, count)
 
 
+def task_sparse_terms(
+    model: SpecStreamModel, tokens: mx.array, st: SparseTargets, train_streams: bool,
+    train_exit: bool, alpha0: float, alphas: list[float] | None,
+) -> Terms:
+    """The task-mode objective (gradients through the whole model) with the LM head run
+    only at target positions: the main stream at next-token targets, streams only at
+    positions that have a stream target (prompt tokens carry none)."""
+    B, T = tokens.shape
+    g = model.cfg.num_streams
+    alphas = list(alphas) if alphas is not None else [0.1] * g
+    positions = mx.broadcast_to(mx.arange(T)[None], (B, T))
+    h = model.lower(tokens, positions)
+    streams = train_streams and st.flat.size > 0
+    x = model.upper_hidden(h, positions, None, None, st.rows if streams else None, streams)
+    D = x.shape[-1]
+    ce: dict[str, mx.array] = {}
+    correct: dict[str, mx.array] = {}
+    count: dict[str, mx.array] = {}
+
+    def ce_hit(logits: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
+        c = nn.losses.cross_entropy(logits, labels, reduction="none")
+        hit = mx.stop_gradient((mx.argmax(logits, axis=-1) == labels).astype(mx.float32))
+        return c, hit
+
+    c, hit = ce_hit(model.head(x[:, :T].reshape(-1, D)[st.exit_flat]), st.exit_labels)
+    ce["main"], correct["main"] = c.sum(), hit.sum()
+    count["main"] = mx.array(float(st.exit_labels.size))
+    loss = alpha0 * ce["main"] / mx.maximum(count["main"], 1.0)
+    if streams:
+        c, hit = ce_hit(model.head(x[:, T:].reshape(-1, D)[st.flat]), st.labels)
+        for j, name in enumerate(stream_names(g)):
+            w = (st.stream == j).astype(mx.float32)
+            ce[name], correct[name], count[name] = (c * w).sum(), (hit * w).sum(), w.sum()
+            loss = loss + alphas[j] * ce[name] / mx.maximum(count[name], 1.0)
+    if train_exit:
+        c, hit = ce_hit(model.exit_logits(h.reshape(-1, D)[st.exit_flat]), st.exit_labels)
+        ce["exit"], correct["exit"] = c.sum(), hit.sum()
+        count["exit"] = mx.array(float(st.exit_labels.size))
+        loss = loss + ce["exit"] / mx.maximum(count["exit"], 1.0)
+    return Terms(loss, ce, correct, count)
+
+
 # -- model preparation --------------------------------------------------------------
 def prepare_model(
     model: SpecStreamModel, spec: SpecStreamConfig, reinit: bool = False, seed: int = 0
@@ -241,7 +295,8 @@ def prepare_model(
     ``spec`` (training continues from its streams), else a new SpecStreamModel over the
     same base with fresh streams."""
     same = (
-        spec.num_streams == model.cfg.num_streams
+        spec.draft_method == model.cfg.draft_method
+        and spec.num_streams == model.cfg.num_streams
         and spec.stream_layers == model.cfg.stream_layers
         and spec.adapter_rank == model.cfg.adapter_rank
         and spec.stream_lora_rank == model.cfg.stream_lora_rank
@@ -256,7 +311,9 @@ def prepare_model(
     return new
 
 
-def set_trainable(model: SpecStreamModel, tc: TrainConfig, train_exit: bool) -> None:
+def set_trainable(
+    model: SpecStreamModel, tc: TrainConfig, train_streams: bool, train_exit: bool
+) -> None:
     model.freeze()
     if tc.mode == "task":
         from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -267,9 +324,15 @@ def set_trainable(model: SpecStreamModel, tc: TrainConfig, train_exit: bool) -> 
                 len(model.layers),
                 {"rank": tc.lora_rank, "scale": tc.lora_scale, "dropout": 0.0},
             )
-    model.streams.unfreeze()
-    if not train_exit:
-        model.streams.exit_adapter.freeze()
+        for _, m in model.base.named_modules():
+            if hasattr(m, "lora_a"):
+                m.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    if train_streams:
+        model.streams.unfreeze()
+        if not train_exit:
+            model.streams.exit_adapter.freeze()
+    elif train_exit:
+        model.streams.exit_adapter.unfreeze()
     model.train()
 
 
@@ -294,8 +357,8 @@ def _terms_for(
         main = feats.main_logits if with_main else None
         return sparse_terms(model, feats, st, train_streams, train_exit, tc.alphas,
                             main, tokens, targets)
-    main, sl, el = model(tokens, with_streams=train_streams, with_exit=train_exit)
-    return ngram_terms(tokens, targets, main, sl, el, tc.alpha0, tc.alphas)
+    st = batch.sparse(model.cfg.num_streams)
+    return task_sparse_terms(model, tokens, st, train_streams, train_exit, tc.alpha0, tc.alphas)
 
 
 def evaluate(
@@ -345,7 +408,9 @@ def make_optimizer(tc: TrainConfig, steps: int, lr: float | None = None) -> opti
     elr = tc.embed_lr if tc.embed_lr is not None else lr
     main = optim.AdamW(learning_rate=_schedule(lr, steps, tc.warmup), weight_decay=tc.weight_decay)
     emb = optim.AdamW(learning_rate=_schedule(elr, steps, tc.warmup), weight_decay=0.0)
-    return optim.MultiOptimizer([emb, main], [lambda path, _: "stream_embeddings" in path])
+    return optim.MultiOptimizer(
+        [emb, main], [lambda path, _: "stream_embeddings" in path or "medusa_" in path]
+    )
 
 
 # -- checkpoints --------------------------------------------------------------------
@@ -433,8 +498,8 @@ def run_phase(
 ) -> dict[str, Any]:
     """One optimisation phase ("streams": streams [+ exit adapter], or "exit": the
     pruning adapter alone).  Returns a summary with the last smoothed losses."""
-    set_trainable(model, tc, train_exit)
-    if not train_streams:  # only the exit adapter learns
+    set_trainable(model, tc, train_streams, train_exit)
+    if phase == "exit":  # only the exit adapter learns
         model.freeze()
         model.streams.exit_adapter.unfreeze()
     optimizer = make_optimizer(tc, steps, lr)
@@ -534,13 +599,14 @@ def train(
         report["valid_before"] = before
     cache = _FeatureCache(tc.cache_gb * 2**30) if tc.mode == "lossless" else None
     steps = _num_steps(tc, len(train_batches))
-    joint = tc.exit_phase == "joint"
+    joint = tc.exit_phase == "joint" and tc.streams
     report["streams_phase"] = run_phase(
-        model, train_batches, tc, "streams", steps, True, joint, cache, log=log, progress=progress
+        model, train_batches, tc, "streams", steps, tc.streams, joint, cache, log=log,
+        progress=progress,
     )
     stopped = tc.stop_at is not None and tc.stop_at < steps
     report["stopped_early"] = stopped
-    if tc.exit_phase == "after" and not stopped:
+    if tc.exit_phase == "after" and tc.streams and not stopped:
         exit_steps = tc.exit_iters or steps
         report["exit_phase"] = run_phase(
             model, train_batches, tc, "exit", exit_steps, False, True, cache,
