@@ -1,6 +1,14 @@
 """Speculative Streaming against mlx-lm's autoregressive generate, in one run.
 
     python benchmarks/bench_decode.py [--model PATH] [--prompts 10] [--max-tokens 128]
+    python benchmarks/bench_decode.py --peers --tag peers     # + every peer method
+
+With ``--peers``: prompt lookup (our runtime), Medusa heads trained on the same data
+(``--medusa``, a streams folder from scripts/train_baselines.sh), mlx-lm's two-model
+speculative decoding with a draft made from the target (``--draft``, the distilled
+6-layer draft from the same script; else the undistilled first layers), and mlx-lm
+autoregressive in a child process without this project's GEMM shim (what mlx-lm
+runs at with plain OpenBLAS).
 
 Every method decodes the same chat prompts greedily on the same machine; prompts are
 interleaved (each prompt runs every method before the next prompt) so that drift of the
@@ -26,6 +34,7 @@ from mlx_specstream import stream_generate
 
 import mlx.core as mx
 from common import chat_prompts, load_pair
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_lm_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,6 +51,8 @@ class Run:
 @dataclass
 class Row:
     method: str
+    extra_parameters: int = 0
+    peak_memory_gb: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
     passes: int = 0
@@ -102,6 +113,33 @@ def run_mlx_lm_draft(model, draft, tokenizer, num_draft: int) -> Callable[[list[
     return go
 
 
+def child_mlx_lm(folder: str, prompts: list[list[int]], n: int) -> Row:
+    """mlx-lm autoregressive in a fresh process with the GEMM shim off (plain OpenBLAS)."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    env = dict(os.environ, MLX_SPECSTREAM_SHIM="0")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-mlx-lm", folder,
+           "--prompts-file", f.name, "--max-tokens", str(n)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
+                             timeout=3600)
+    finally:
+        os.unlink(f.name)
+    row = Row("mlx-lm autoregressive, OpenBLAS without the shim (child process)")
+    for toks, secs in json.loads(out.stdout.strip().splitlines()[-1]):
+        row.prompts += 1
+        row.tokens += max(len(toks) - 1, 0)
+        row.seconds += secs
+        row.passes += max(len(toks) - 1, 0)
+        row.step_tokens += max(len(toks) - 1, 0)
+        row.extra["tokens"] = row.extra.get("tokens", []) + [toks]
+    return row
+
+
 def truncated_draft(folder: str, layers: int):
     """A draft sharing SmolLM2's tokenizer: its first ``layers`` layers, final norm and
     (tied) head, not trained further."""
@@ -126,6 +164,10 @@ def run_ours(model, tokenizer, **opts) -> Callable[[list[int], int], Run]:
         return Run(toks, time.perf_counter() - t0, passes, step_tokens)
 
     return go
+
+
+def _count(params: dict) -> int:
+    return int(sum(v.size for v in params.values()))
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
@@ -160,7 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", action="store_true",
                    help="also time prompt lookup and mlx-lm two-model speculative decoding")
     p.add_argument("--draft-layers", type=int, default=6)
+    p.add_argument("--draft", default="runs/baselines/draft6_distilled",
+                   help="draft model folder for mlx-lm two-model decoding (if it exists)")
+    p.add_argument("--medusa", default="runs/baselines/medusa_chat",
+                   help="Medusa heads trained on the same data (a streams folder, if it exists)")
+    p.add_argument("--child-mlx-lm", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_mlx_lm:  # the no-shim baseline, run by child_mlx_lm()
+        m, t = mlx_lm_load(args.child_mlx_lm)
+        ids = json.loads(Path(args.prompts_file).read_text())
+        go = run_mlx_lm(m, t)
+        go(ids[0][:32], 8)
+        print(json.dumps([[r.tokens, r.seconds] for r in (go(x, args.max_tokens) for x in ids)]))
+        return 0
 
     model, tokenizer, folder, ref_model = load_pair(args.model)
     prompts = chat_prompts(tokenizer, args.prompts)
@@ -178,25 +233,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.prune_threshold:
         methods[f"{default_name} prune {args.prune_threshold}"] = run_ours(
             model, tokenizer, prune_threshold=args.prune_threshold)
+    extra = {name: 0 for name in methods}
+    extra[default_name] = _count(model.stream_parameters())
     if args.peers:
+        from mlx_specstream import load as ss_load
+        from mlx_specstream.decode import default_tree as dtree
+
         methods["ours prompt lookup"] = run_ours(model, tokenizer, drafter="lookup")
-        draft = truncated_draft(folder, args.draft_layers)
-        methods[f"mlx-lm two-model (draft = first {args.draft_layers} layers)"] = (
-            run_mlx_lm_draft(ref_model, draft, tokenizer, 3))
+        extra["ours prompt lookup"] = 0
+        if Path(args.medusa).exists():
+            medusa, _ = ss_load(folder, streams_path=args.medusa)
+            name = f"Medusa heads, calibrated tree ({dtree(medusa.cfg).size} nodes)"
+            methods[name] = run_ours(medusa, tokenizer)
+            extra[name] = _count(medusa.stream_parameters())
+        if Path(args.draft).exists():
+            draft, _ = mlx_lm_load(args.draft)
+            name = f"mlx-lm two-model, distilled draft ({args.draft})"
+        else:
+            draft = truncated_draft(folder, args.draft_layers)
+            name = f"mlx-lm two-model (draft = first {args.draft_layers} layers, undistilled)"
+        methods[name] = run_mlx_lm_draft(ref_model, draft, tokenizer, 3)
+        extra[name] = sum(v.size for _, v in tree_flatten(draft.parameters()))
     for spec in args.tree_topk or []:
         topk = [int(x) for x in spec.split(",")]
         methods[f"SS product tree {topk}"] = run_ours(model, tokenizer, tree_topk=topk)
+        extra[f"SS product tree {topk}"] = extra[default_name]
 
-    rows = {name: Row(name) for name in methods}
+    rows = {name: Row(name, extra_parameters=extra.get(name, 0)) for name in methods}
+    base_gb = sum(v.nbytes for _, v in tree_flatten(ref_model.parameters())) / 1e9
+    weights_gb = {name: base_gb + 4 * extra.get(name, 0) / 1e9 for name in methods}
     # warm-up (allocations, first-call costs)
     for go in methods.values():
         go(prompts[0][:32], 8)
+    refs: list[list[int]] = []
     for i, ids in enumerate(prompts):
         ref = None
         for name, go in methods.items():
+            mx.reset_peak_memory()
+            before = mx.get_active_memory()
             r = go(ids, args.max_tokens)
+            # the method's weights + what decoding allocated on top of what was resident
+            work = (mx.get_peak_memory() - before) / 1e9
+            rows[name].peak_memory_gb = max(rows[name].peak_memory_gb,
+                                            weights_gb[name] + work)
             if ref is None:
                 ref = r.tokens
+                refs.append(ref)
             row = rows[name]
             row.prompts += 1
             row.tokens += max(len(r.tokens) - 1, 0)  # the first token comes from the prefill
@@ -206,16 +288,24 @@ def main(argv: list[str] | None = None) -> int:
             row.identical += int(r.tokens == ref)
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
 
+    if args.peers:
+        child = child_mlx_lm(folder, prompts, args.max_tokens)
+        toks = child.extra.pop("tokens")
+        child.identical = sum(int(t == r) for t, r in zip(toks, refs, strict=True))
+        rows[child.method] = child
     base_tps = rows["mlx-lm autoregressive"].tps
     lines = [
-        "| method | tokens/s | vs mlx-lm | tokens/pass | output = mlx-lm |",
-        "|---|---|---|---|---|",
+        "| method | tokens/s | vs mlx-lm | tokens/pass | extra params | peak memory GB "
+        "| output = mlx-lm |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows.values():
+        same = f"{r.identical}/{r.prompts}" if r.identical or r.passes else "n/a"
+        mem = f"{r.peak_memory_gb:.2f}" if r.peak_memory_gb else "n/a"
         lines.append(
             f"| {r.method} | {r.tps:.2f} | {r.tps / base_tps:.2f}x | "
-            f"{f'{r.tokens_per_pass:.2f}' if r.passes else 'n/a'} | "
-            f"{r.identical}/{r.prompts} |"
+            f"{f'{r.tokens_per_pass:.2f}' if r.passes else 'n/a'} | {r.extra_parameters:,} | "
+            f"{mem} | {same} |"
         )
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -103,6 +103,14 @@ void mlxss_init(void *sgemm, void *dgemm, int m, void *set_threads) {
 int mlxss_max_m(void) { return max_m; }
 typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+/* An explicit fused multiply-add in every variant: rounding is the same whatever the
+   number of rows (FMA contraction by the compiler is off). */
+static inline v8 fma8(v8 a, v8 b, v8 c) { return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline v8 fma8(v8 a, v8 b, v8 c) { return a * b + c; }
+#endif
 static inline float hsum(v8 v) { float s = 0; for (int l = 0; l < 8; l++) s += v[l]; return s; }
 
 /* C[i, j] = al * <A[i, :], B[j, :]> + be * C[i, j], rows i0 .. i0+R-1, columns j0 .. j1-1 */
@@ -116,7 +124,7 @@ static inline float hsum(v8 v) { float s = 0; for (int l = 0; l < 8; l++) s += v
       for (int r = 0; r < R; r++) acc[r] = (v8){0};                                      \
       for (I t = 0; t < k8; t += 8) {                                                    \
         v8 wv = ld(w + t);                                                               \
-        for (int r = 0; r < R; r++) acc[r] += ld(a + (long)(i0 + r) * lda + t) * wv;      \
+        for (int r = 0; r < R; r++) acc[r] = fma8(ld(a + (long)(i0 + r) * lda + t), wv, acc[r]); \
       }                                                                                  \
       for (int r = 0; r < R; r++) {                                                      \
         const float *x = a + (long)(i0 + r) * lda;                                       \
@@ -210,6 +218,7 @@ def find_wheel_blas() -> Path | None:
 
 # No FMA contraction: every path sums a row the same way (batch-invariant rows).
 _CFLAGS = "-O3 -ffp-contract=off -shared -fPIC"
+_CFLAGS_TRIES = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 
 
 def _machine_tag() -> str:
@@ -240,7 +249,7 @@ def build_shim() -> Path | None:
         src.write_text(_SHIM_C)
         lib = Path(tmp) / out.name
         base = [cc, *_CFLAGS.split(), "-o", str(lib), str(src)]
-        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+        for extra in _CFLAGS_TRIES:
             try:
                 subprocess.run(base + extra, check=True, capture_output=True, timeout=120)
                 break

@@ -192,13 +192,16 @@ def calibrate_folder(
     max_tokens: int = 96,
     write: bool = True,
     progress: bool = True,
+    streams_path: str | Path | None = None,
 ) -> dict[str, object]:
-    """Measure, choose and (when ``write``) store the tree of a model folder."""
+    """Measure, choose and (when ``write``) store the tree of a model folder (or of the
+    streams folder ``streams_path`` used with it).  ``prompts``: user turns of the
+    domain the streams were trained for (default: chitchat training-side turns)."""
     from .generate import load
     from .training.data import chitchat_prompts
 
-    folder = Path(folder)
-    model, tokenizer = load(folder)
+    model, tokenizer = load(folder, streams_path=streams_path)
+    folder = Path(streams_path) if streams_path is not None else Path(folder)
     if prompts is None:
         prompts = chitchat_prompts()[0][-num_prompts:]  # training-side, never held out
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
@@ -210,8 +213,8 @@ def calibrate_folder(
     if write:
         _write_json(folder / CALIBRATION_FILE, result)
         config_path = folder / "config.json"
-        config = json.loads(config_path.read_text())
-        section = config.setdefault(CONFIG_KEY, {})
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        section = config.setdefault(CONFIG_KEY, model.cfg.to_dict())
         section["tree_paths"] = choice["tree_paths"]
         best = choice["best"]
         section["draft_cost_ratio"] = round(best["seconds"] / cost["autoregressive"], 3)
@@ -228,6 +231,8 @@ def _write_json(path: Path, obj: object) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
+    p.add_argument("--streams-path", default=None,
+                   help="a streams folder used with the model (its config gets the tree)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
@@ -240,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
 
         folder = default_model_path()
     r = calibrate_folder(folder, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-                         write=not args.dry_run)
+                         write=not args.dry_run, streams_path=args.streams_path)
     ar = r["cost"]["autoregressive"]
     print(f"machine: {r['machine']}; 1-token pass {ar * 1e3:.1f} ms; "
           f"{r['acceptance']['hosts']} scored positions")
@@ -253,5 +258,6 @@ def run(args: argparse.Namespace) -> int:
     best = r["choice"]["best"]
     print(f"chosen: {best['nodes']} nodes, paths {r['choice']['tree_paths']}")
     if not args.dry_run:
-        print(f"wrote tree_paths to {Path(folder) / 'config.json'} and calibration.png")
+        where = Path(args.streams_path or folder)
+        print(f"wrote tree_paths to {where / 'config.json'} and calibration.png")
     return 0
