@@ -107,7 +107,9 @@ static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 #include <immintrin.h>
 /* An explicit fused multiply-add in every variant: rounding is the same whatever the
    number of rows (FMA contraction by the compiler is off). */
-static inline v8 fma8(v8 a, v8 b, v8 c) { return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+static inline v8 fma8(v8 a, v8 b, v8 c) {
+  return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
 #else
 static inline v8 fma8(v8 a, v8 b, v8 c) { return a * b + c; }
 #endif
