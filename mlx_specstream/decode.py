@@ -2,7 +2,9 @@
 tree in the main stream and drafts the next tree from every node's streams.
 
 The loop reaches the model only through ``SpecStreamModel`` (lower / exit / upper /
-head) and the cache only through ``TreeKVCache.commit``.  The decoding policy (tree
+head) and the cache only through ``TreeKVCache.commit``.  The LM head reads out the
+main rows of a pass at once and the streams of the accepted node only, queued with
+the next pass.  The decoding policy (tree
 shape, pruning, acceptance) is in ``tree.py``.  One host synchronisation per step is
 needed for acceptance (two with pruning: the pruned shape is decided mid-pass).
 """
@@ -235,13 +237,12 @@ def speculative_steps(
             u_tokens, u_pos, u_mask = tokens, positions, full_mask
             kept, tree_sub = None, tree
         n = tree_sub.size
-        # One LM-head GEMM for the main rows (verification) and every node's streams
-        # (the next draft): the head's weights are read once per pass.
+        # The LM head runs on the main rows (verification) now, and on the streams of
+        # the accepted node only once acceptance has picked it: lazily, so that it runs
+        # inside the next pass (n + g rows through the head instead of n * (1 + g)).
         x = model.upper_hidden(h, u_pos, u_mask, cache, None, True)[0]
-        logits = model.head(x)
-        pred = mx.argmax(logits[:n], axis=-1)
-        stream_logits = logits[n:]
-        mx.eval(pred, u_tokens, stream_logits)
+        pred = mx.argmax(model.head(x[:n]), axis=-1)
+        mx.eval(pred, u_tokens, x)
         pred_np, tok_np = np.array(pred), np.array(u_tokens)
         path = accept_greedy(tree_sub, tok_np, pred_np)
         last = path[-1]
@@ -259,7 +260,7 @@ def speculative_steps(
             lower_rows = [int(keep[i]) for i in path]
             cache.commit([lower_rows] * model.split + [path] * (model.num_layers - model.split))
         root = pred[last].reshape(1)
-        cands = draft(stream_logits[last * g : (last + 1) * g])  # runs inside the next pass
+        cands = draft(model.head(x[n + last * g : n + (last + 1) * g]))  # in the next pass
         new_tokens = [int(tok_np[i]) for i in path[1:]] + [int(pred_np[last])]
         for t in new_tokens:
             if produced >= max_tokens:

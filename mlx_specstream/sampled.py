@@ -158,9 +158,10 @@ def sampled_speculative_steps(
         tokens = mx.concatenate([root, cands.reshape(-1)[gather].astype(mx.int32)])
         positions = depth + off
         h = model.lower(tokens, positions, full_mask, cache)
-        # One LM-head GEMM for the main rows and every node's streams (as decode.py).
-        logits = model.head(model.upper_hidden(h, positions, full_mask, cache, None, True)[0])
-        main = logits[:n]
+        # The LM head on the main rows now; on the accepted node's streams only, once it
+        # is known (as decode.py).
+        x = model.upper_hidden(h, positions, full_mask, cache, None, True)[0]
+        main = model.head(x[:n])
         hists = None
         if c:
             ctx_tail = mx.array(np.array(ctx[-c:], dtype=np.int32))
@@ -187,7 +188,7 @@ def sampled_speculative_steps(
         ctx.extend(int(tok_np[i]) for i in path)
         root = mx.array([nxt_tok], dtype=mx.int32)
         host = n + last * g  # the streams of the last accepted node
-        q, cands = proposals(logits[host : host + depth_n], nxt_tok)
+        q, cands = proposals(model.head(x[host : host + depth_n]), nxt_tok)
         new_tokens = [int(tok_np[i]) for i in path[1:]] + [nxt_tok]
         for t in new_tokens:
             if produced >= max_tokens:
