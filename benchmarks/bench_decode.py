@@ -30,22 +30,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
-from mlx_specstream import stream_generate
 
 import mlx.core as mx
-from common import chat_prompts, load_pair
+from common import Run, chat_prompts, load_pair, run_mlx_lm, run_ours
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_lm_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class Run:
-    tokens: list[int]
-    seconds: float  # from the first generated token to the last (decode time)
-    passes: int  # forward passes after the prefill
-    step_tokens: int = 0  # tokens those passes produced (EOS included)
 
 
 @dataclass
@@ -68,27 +59,6 @@ class Row:
     @property
     def tokens_per_pass(self) -> float:
         return self.step_tokens / self.passes if self.passes else 0.0
-
-
-def run_mlx_lm(model, tokenizer) -> Callable[[list[int], int], Run]:
-    """mlx-lm's stream_generate, greedy: what a user of mlx-lm runs (detokenizing too)."""
-    from mlx_lm.generate import stream_generate as mlx_stream
-
-    eos = set(tokenizer.eos_token_ids)
-
-    def go(ids: list[int], n: int) -> Run:
-        toks: list[int] = []
-        t0 = None
-        for r in mlx_stream(model, tokenizer, ids, max_tokens=n):
-            if t0 is None:
-                t0 = time.perf_counter()
-            if r.token in eos:
-                break
-            toks.append(r.token)
-        passes = max(len(toks) - 1, 0)
-        return Run(toks, time.perf_counter() - t0, passes, passes)
-
-    return go
 
 
 def run_mlx_lm_draft(model, draft, tokenizer, num_draft: int) -> Callable[[list[int], int], Run]:
@@ -146,24 +116,6 @@ def truncated_draft(folder: str, layers: int):
     draft, _ = mlx_lm_load(folder)
     draft.model.layers = draft.model.layers[:layers]
     return draft
-
-
-def run_ours(model, tokenizer, **opts) -> Callable[[list[int], int], Run]:
-    def go(ids: list[int], n: int) -> Run:
-        toks: list[int] = []
-        t0 = None
-        last = None
-        for r in stream_generate(model, tokenizer, ids, n, **opts):
-            if t0 is None:
-                t0 = time.perf_counter()
-            last = r
-            if r.token not in tokenizer.eos_token_ids:
-                toks.append(r.token)
-        passes = last.forward_passes if last else 0
-        step_tokens = round(last.tokens_per_pass * passes) if last else 0
-        return Run(toks, time.perf_counter() - t0, passes, step_tokens)
-
-    return go
 
 
 def _count(params: dict) -> int:

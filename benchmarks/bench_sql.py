@@ -19,16 +19,15 @@ import json
 import platform
 import sqlite3
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
-from mlx_specstream import load, stream_generate
+from mlx_specstream import load
 from mlx_specstream.calibrate import calibrate_folder
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate as mlx_stream
+from common import run_mlx_lm, run_ours
 from mlx_lm.utils import load as mlx_lm_load
 from sql_data import normalize_sql, same_result
 
@@ -43,33 +42,6 @@ METHODS = {  # name -> (fused folder under --runs, speculative)
 def prompts_of(split: Path, n: int | None) -> list[dict]:
     rows = [json.loads(line) for line in split.read_text().splitlines() if line.strip()]
     return rows[:n] if n else rows
-
-
-def decode_mlx_lm(model, tok, ids: list[int], n: int) -> tuple[list[int], float]:
-    eos = set(tok.eos_token_ids)
-    out: list[int] = []
-    t0 = None
-    for r in mlx_stream(model, tok, ids, max_tokens=n):
-        if t0 is None:
-            t0 = time.perf_counter()
-        if r.token in eos:
-            break
-        out.append(r.token)
-    return out, time.perf_counter() - t0
-
-
-def decode_ours(model, tok, ids: list[int], n: int, **opts) -> tuple[list[int], float, int, int]:
-    out: list[int] = []
-    t0 = None
-    last = None
-    for r in stream_generate(model, tok, ids, n, **opts):
-        if t0 is None:
-            t0 = time.perf_counter()
-        last = r
-        if r.token not in tok.eos_token_ids:
-            out.append(r.token)
-    passes = last.forward_passes if last else 0
-    return out, time.perf_counter() - t0, passes, round(last.tokens_per_pass * passes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
             row["tree_nodes"] = default_tree(model.cfg).size
         warm = tok.apply_chat_template([{"role": "user", "content": "hi"}],
                                        add_generation_prompt=True)
-        decode_mlx_lm(ref, tok, warm, 4)
-        decode_ours(model, tok, warm, 4)
+        run_ref, run_spec = run_mlx_lm(ref, tok), run_ours(model, tok)
+        run_ref(warm, 4)
+        run_spec(warm, 4)
         for ex in tests:
             ids = tok.apply_chat_template(ex["messages"][:1], add_generation_prompt=True)
             gold = ex["messages"][1]["content"]
-            ar_toks, ar_s = decode_mlx_lm(ref, tok, ids, args.max_tokens)
+            ar = run_ref(ids, args.max_tokens)
+            ar_toks, ar_s = ar.tokens, ar.seconds
             if spec:
-                toks, secs, passes, step = decode_ours(model, tok, ids, args.max_tokens)
+                r = run_spec(ids, args.max_tokens)
+                toks, secs, passes, step = r.tokens, r.seconds, r.passes, r.step_tokens
             else:
                 toks, secs = ar_toks, ar_s
                 passes = step = max(len(toks) - 1, 0)

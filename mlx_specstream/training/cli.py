@@ -203,24 +203,13 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_at=args.stop_at,
     )
-    mask = not args.no_mask_prompt
-    train_ex = load_split(
-        args.data,
-        "train",
-        tok,
-        mask_prompt=mask,
-        max_seq_len=args.max_seq_len,
-        limit=args.max_train,
-    )
+    def split(name: str, limit: int | None) -> list:
+        return load_split(args.data, name, tok, mask_prompt=not args.no_mask_prompt,
+                          max_seq_len=args.max_seq_len, limit=limit)
+
+    train_ex = split("train", args.max_train)
     try:
-        valid_ex = load_split(
-            args.data,
-            "valid",
-            tok,
-            mask_prompt=mask,
-            max_seq_len=args.max_seq_len,
-            limit=args.max_valid,
-        )
+        valid_ex = split("valid", args.max_valid)
     except FileNotFoundError:
         valid_ex = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
