@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="decode")
     p.add_argument("--peers", action="store_true",
                    help="also time prompt lookup and mlx-lm two-model speculative decoding")
+    p.add_argument("--dynamic", action="store_true",
+                   help="also time dynamic chains (sized per step from stream confidences)")
     p.add_argument("--draft-layers", type=int, default=6)
     p.add_argument("--draft", default="runs/baselines/draft6_distilled",
                    help="draft model folder for mlx-lm two-model decoding (if it exists)")
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"mlx-lm two-model (draft = first {args.draft_layers} layers, undistilled)"
         methods[name] = run_mlx_lm_draft(ref_model, draft, tokenizer, 3)
         extra[name] = sum(v.size for _, v in tree_flatten(draft.parameters()))
+    if args.dynamic:
+        methods["SS dynamic chain"] = run_ours(model, tokenizer, dynamic_tree=True)
+        extra["SS dynamic chain"] = extra[default_name]
     for spec in args.tree_topk or []:
         topk = [int(x) for x in spec.split(",")]
         methods[f"SS product tree {topk}"] = run_ours(model, tokenizer, tree_topk=topk)

@@ -218,6 +218,10 @@ def calibrate_folder(
         section["tree_paths"] = choice["tree_paths"]
         best = choice["best"]
         section["draft_cost_ratio"] = round(best["seconds"] / cost["autoregressive"], 3)
+        sizes = sorted(int(n) for n in cost["tree"])
+        consecutive = [n for i, n in enumerate(sizes, start=1) if n == i]
+        section["tree_costs"] = [round(cost["tree"][str(n)] / cost["autoregressive"], 3)
+                                 for n in consecutive]
         _write_json(config_path, config)
         plot(result, folder / "calibration.png")
     return result

@@ -47,6 +47,8 @@ class SpecStreamConfig:
     tree_paths: list[list[int]] | None = None
     draft_cost_ratio: float = 0.0
     draft_method: str = "streams"
+    tree_costs: list[float] | None = None
+    dynamic_tree: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -150,9 +150,21 @@ def speculative_steps(
     stats: DecodeStats,
     tree: Tree | None = None,
     prune_threshold: float | None = None,
+    dynamic: bool | None = None,
 ) -> Iterator[int]:
-    """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding."""
+    """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding.
+
+    dynamic: instead of one tree for every step, a chain whose length is chosen per step
+    from the accepted node's stream confidences (top-1 probabilities p_j): the length d
+    maximising (1 + p_1 + p_1 p_2 + ...) / cost(d + 1 nodes), with the measured relative
+    pass costs of ``cfg.tree_costs`` (EAGLE-2's idea restricted to chains).  Costs one
+    extra host sync per step.  Default: ``cfg.dynamic_tree``."""
     cfg = model.cfg
+    dynamic = cfg.dynamic_tree if dynamic is None else dynamic
+    g = cfg.num_streams
+    if dynamic:
+        chains = [tree_from_paths([[0] * i for i in range(1, d + 1)]) for d in range(g + 1)]
+        tree = chains[-1]
     tree = tree if tree is not None else default_tree(cfg)
     if tree.max_depth > cfg.num_streams:
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
@@ -165,17 +177,43 @@ def speculative_steps(
     limit = check_context(model, prompt.shape[0], max_tokens)
     stats.accepted_per_depth = [0] * tree.max_depth
     cache = model.make_cache()
-    g = cfg.num_streams
 
     # Constant per tree: index arrays and mask on the device.
-    gather = mx.array(tree.gather_index.astype(np.int32))
-    depth = mx.array(tree.depth.astype(np.int32))
-    full_mask = mx.array(tree.mask)
-    parent = mx.array(np.maximum(tree.parent, 0).astype(np.int32))
+    def constants(t: Tree) -> tuple[Tree, mx.array, mx.array, mx.array, mx.array]:
+        return (t, mx.array(t.gather_index.astype(np.int32)), mx.array(t.depth.astype(np.int32)),
+                mx.array(t.mask), mx.array(np.maximum(t.parent, 0).astype(np.int32)))
+
+    tree, gather, depth, full_mask, parent = constants(tree)
     kmax = tree.kmax
+    per_length = [constants(t) for t in chains] if dynamic else []
+    costs = list(cfg.tree_costs or [])
+    for i in range(len(costs) - 2, -1, -1):  # measured costs are noisy: make them monotone
+        costs[i] = min(costs[i], costs[i + 1])
+
+    def pass_cost(n: int) -> float:
+        if not costs:  # uncalibrated: a rough CPU-like default
+            return 1.2 + 0.2 * (n - 1)
+        return costs[n - 1] if n <= len(costs) else costs[-1] * n / len(costs)
+
+    def chain_length(conf: np.ndarray) -> int:
+        best, best_d, reach, expect = 0.0, 0, 1.0, 1.0
+        for d in range(g + 1):
+            if d:
+                reach *= float(conf[d - 1])
+                expect += reach
+            value = expect / pass_cost(d + 1)
+            if value > best:
+                best, best_d = value, d
+        return best_d
+
+    conf = None
 
     def draft(stream_logits: mx.array) -> mx.array:
-        """(g, V) stream logits of the host node -> flattened top-kmax candidates."""
+        """(g, V) stream logits of the host node -> flattened top-kmax candidates (and,
+        for dynamic chains, the streams' top-1 probabilities)."""
+        nonlocal conf
+        if dynamic:
+            conf = mx.exp(mx.max(stream_logits, axis=-1) - mx.logsumexp(stream_logits, axis=-1))
         return _topk_indices(stream_logits, kmax).reshape(-1)
 
     logits = _prefill(model, prompt, cache, with_streams=True)
@@ -213,6 +251,8 @@ def speculative_steps(
             produced += 1
             yield int(root.item())
             continue
+        if dynamic:
+            tree, gather, depth, full_mask, parent = per_length[chain_length(np.array(conf))]
         if cache.offset + tree.size > limit:
             return  # context full
         off = cache.offset

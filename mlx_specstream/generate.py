@@ -126,6 +126,7 @@ def stream_generate(
     drafter: str = "streams",
     tree_topk: Sequence[int] | None = None,
     prune_threshold: float | None = None,
+    dynamic_tree: bool | None = None,
     stop: Sequence[str] | None = None,
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -143,6 +144,8 @@ def stream_generate(
     tree_topk: candidates per depth of the product tree (default: the folder's config).
     prune_threshold: early-exit pruning threshold, 0 disables (default: config);
         not used when sampling (pruned trees are no longer draws from the streams).
+    dynamic_tree: a chain sized per step from the streams' confidences and the
+        calibrated pass costs, instead of one tree (greedy only; default: config).
     stop: stop strings; generation ends before the first one, which is not emitted.
     temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size: mlx-lm's
         sampling options (see ``sampling.SamplingParams``).  temp 0 without a
@@ -176,7 +179,8 @@ def stream_generate(
         steps = lookup_steps(model, ids, max_tokens, stats)
     elif params.plain_greedy:
         if speculative:
-            steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold)
+            steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold,
+                                      dynamic_tree)
         else:
             steps = autoregressive_steps(model, ids, max_tokens, stats)
     elif speculative:

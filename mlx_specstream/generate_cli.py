@@ -93,6 +93,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="early-exit pruning threshold, 0 disables (default: the model's)",
     )
+    g.add_argument(
+        "--dynamic-tree",
+        action="store_true",
+        help="size a draft chain per step from the streams' confidences (greedy only)",
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +107,8 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["tree_topk"] = list(args.tree_topk)
     if getattr(args, "prune_threshold", None) is not None:
         kw["prune_threshold"] = float(args.prune_threshold)
+    if getattr(args, "dynamic_tree", False):
+        kw["dynamic_tree"] = True
     return kw
 
 

@@ -131,3 +131,18 @@ def test_generate_rejects_bad_sampling_options(api_model_dir, capsys):
     rc = cli.main(["generate", "--model", str(api_model_dir), "--temp", "-0.5"])
     assert rc != 0
     assert "temp" in capsys.readouterr().err
+
+
+def test_generate_cli_decoding_flags(api_model_dir, capsys):
+    base = ["generate", "--model", str(api_model_dir), "--prompt", "hello", "--max-tokens", "12"]
+    assert cli.main(base + ["--no-speculative"]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(base + ["--dynamic-tree"]) == 0
+    dynamic = capsys.readouterr().out
+    assert cli.main(base + ["--tree-topk", "2,1"]) == 0
+    tree = capsys.readouterr().out
+    first = plain.strip().splitlines()[0]
+    assert dynamic.strip().splitlines()[0] == first == tree.strip().splitlines()[0]
+    assert generate_cli.decoding_kwargs(
+        generate_cli.argparse.Namespace(no_speculative=False, dynamic_tree=True)
+    ) == {"speculative": True, "dynamic_tree": True}

@@ -248,3 +248,36 @@ def test_adaptive_pause_is_lossless_on_a_real_model(ratio: float) -> None:
     model = tiny_model("llama", lora_rank=4, random_lora=True, draft_cost_ratio=ratio)
     ref = mlx_lm_greedy(model.base, PROMPT, 60)
     assert list(speculative_steps(model, PROMPT, 60, DecodeStats())) == ref
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_dynamic_chains_equal_mlx_lm_greedy(model_type) -> None:
+    model = tiny_model(model_type, lora_rank=4, random_lora=True)
+    ref = mlx_lm_greedy(model.base, PROMPT, 40)
+    stats = DecodeStats()
+    assert list(speculative_steps(model, PROMPT, 40, stats, dynamic=True)) == ref
+
+
+def test_dynamic_chains_follow_confidence() -> None:
+    """When extra nodes cost nothing, every step drafts the longest chain (the same
+    steps as the static chain); when they cost a lot, the chain shrinks to the root.
+    Output is the same either way."""
+    from mlx_specstream.tree import tree_from_paths
+    from mlx_specstream.model import SpecStreamModel
+    from tinymodels import tiny_base
+
+    base = tiny_base("llama", seed=3, spread=0.02)
+    model = SpecStreamModel(base, SpecStreamConfig(num_streams=3, stream_layers=2,
+                                                   tree_costs=[1.0, 1.0, 1.0, 1.0]))
+    ref = mlx_lm_greedy(base, PROMPT, 41)
+    stats = DecodeStats()
+    assert list(speculative_steps(model, PROMPT, 41, stats, dynamic=True)) == ref
+    chain = DecodeStats()
+    list(speculative_steps(model, PROMPT, 41, chain, tree_from_paths([[0], [0, 0], [0, 0, 0]])))
+    assert stats.tree_nodes == 4 * stats.forward_passes
+    assert (stats.forward_passes, stats.step_tokens) == (chain.forward_passes, chain.step_tokens)
+    assert stats.tokens_per_pass > 1.0
+    model.cfg.tree_costs = [1.0, 50.0, 100.0, 150.0]
+    stats = DecodeStats()
+    assert list(speculative_steps(model, PROMPT, 41, stats, dynamic=True)) == ref
+    assert stats.tokens_per_pass == 1.0
