@@ -262,8 +262,8 @@ def test_dynamic_chains_follow_confidence() -> None:
     """When extra nodes cost nothing, every step drafts the longest chain (the same
     steps as the static chain); when they cost a lot, the chain shrinks to the root.
     Output is the same either way."""
-    from mlx_specstream.tree import tree_from_paths
     from mlx_specstream.model import SpecStreamModel
+    from mlx_specstream.tree import tree_from_paths
     from tinymodels import tiny_base
 
     base = tiny_base("llama", seed=3, spread=0.02)
