@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from .decode import (
+    PAUSE_TOKENS,
     DecodeStats,
     _prefill,
     _topk_indices,
@@ -146,11 +147,43 @@ def sampled_speculative_steps(
     else:
         first = sample_from(np.array(p0), rng)
     root = mx.array([first], dtype=mx.int32)
+    root_tok = first
     q, cands = proposals(logits[1 : 1 + depth_n], first)
     produced = 1
     yield first
 
+    # Adaptive pause, as in decode.speculative_steps: while the running tokens per pass
+    # stays below the calibrated cost of a tree pass, sample PAUSE_TOKENS tokens plainly
+    # (the target's own law, so the output law is unchanged), streams on the last one.
+    ratio = cfg.draft_cost_ratio
+    ema = ratio + 1.0
+    paused = 0
     while produced < max_tokens:
+        if paused > 0:
+            if cache.offset + 1 > limit:
+                return
+            paused -= 1
+            streams = paused == 0
+            pos = mx.array([cache.offset])
+            x = model.upper_hidden(model.lower(root, pos, None, cache), pos, None, cache,
+                                   None, streams)[0]
+            logits = model.head(x)
+            cache.commit()
+            ctx.append(root_tok)
+            hist = [tail([])] if c else None
+            if greedy:
+                root_tok = int(mx.argmax(processed_logits(logits[:1], hist, params)[0]).item())
+            else:
+                root_tok = sample_from(np.array(target_probs(logits[:1], hist, params)[0]), rng)
+            root = mx.array([root_tok], dtype=mx.int32)
+            if streams:
+                q, cands = proposals(logits[1 : 1 + depth_n], root_tok)
+                ema = ratio + 1.0
+            stats.forward_passes += 1
+            stats.step_tokens += 1
+            produced += 1
+            yield root_tok
+            continue
         if cache.offset + tree.size > limit:
             return  # context full
         off = cache.offset
@@ -184,9 +217,13 @@ def sampled_speculative_steps(
         stats.tree_nodes += n
         for d in range(1, len(path)):
             stats.accepted_per_depth[d - 1] += 1
+        ema = 0.7 * ema + 0.3 * len(path)
+        if ratio > 0 and ema < ratio:
+            paused = PAUSE_TOKENS
         cache.commit(path)
         ctx.extend(int(tok_np[i]) for i in path)
         root = mx.array([nxt_tok], dtype=mx.int32)
+        root_tok = nxt_tok
         host = n + last * g  # the streams of the last accepted node
         q, cands = proposals(model.head(x[host : host + depth_n]), nxt_tok)
         new_tokens = [int(tok_np[i]) for i in path[1:]] + [nxt_tok]

@@ -528,3 +528,39 @@ def test_stream_generate_rejects_bad_sampling_params(api_model, kw) -> None:
     model, tokenizer = api_model
     with pytest.raises(ValueError, match=next(iter(kw))):
         next(stream_generate(model, tokenizer, "Hello", 4, **kw))
+
+
+def test_adaptive_pause_keeps_penalised_greedy_exact() -> None:
+    """A cost ratio no tree can reach pauses drafting after every tree step."""
+    model = tiny_model("llama", lora_rank=4, random_lora=True)
+    model.cfg.draft_cost_ratio = 10.0
+    prompt = mx.array([1, 5, 7, 9, 11, 2, 3])
+    procs = make_logits_processors(repetition_penalty=1.5)
+    ref = [
+        int(t) for t, _ in generate_step(prompt, model.base, max_tokens=40, logits_processors=procs)
+    ]
+    params = SamplingParams(temp=0.0, repetition_penalty=1.5)
+    stats = DecodeStats()
+    assert list(sampled_speculative_steps(model, prompt, 40, stats, params)) == ref
+    from mlx_specstream.decode import default_tree
+
+    tree_passes = stats.tree_nodes // default_tree(model.cfg).size
+    assert 0 < tree_passes < stats.forward_passes / 4  # most passes were paused
+
+
+def test_adaptive_pause_keeps_the_sampling_law(small_model, model_law) -> None:
+    """With pauses after every tree step, the first 3 tokens still follow the model's
+    exact law (the second comes from a tree step, the third from a paused step)."""
+    small_model.cfg.draft_cost_ratio = 10.0
+    try:
+        counts = Counter(
+            tuple(sampled_speculative_steps(small_model, PROMPT, 3, DecodeStats(), _params(i)))
+            for i in range(RUNS)
+        )
+    finally:
+        small_model.cfg.draft_cost_ratio = 0.0
+    law = Counter()
+    for k, v in model_law.items():
+        law[k[:3]] += v
+    stat, df, pval = goodness_of_fit(counts, law)
+    assert pval > ALPHA, (stat, df)
