@@ -143,6 +143,16 @@ def autoregressive_steps(
         y = nxt
 
 
+def paused_pass(model: SpecStreamModel, root: mx.array, cache, streams: bool) -> mx.array:
+    """One plain pass of the root token while drafting is paused, committed; the logits
+    of the root, then (``streams``) of its streams, to draft again: (1 [+ g], V)."""
+    pos = mx.array([cache.offset])
+    x = model.upper_hidden(model.lower(root, pos, None, cache), pos, None, cache, None,
+                           streams)[0]
+    cache.commit()
+    return model.head(x)
+
+
 def speculative_steps(
     model: SpecStreamModel,
     prompt: mx.array,
@@ -237,15 +247,11 @@ def speculative_steps(
                 return
             paused -= 1
             streams = paused == 0
-            pos = mx.array([cache.offset])
-            x = model.upper_hidden(model.lower(root, pos, None, cache), pos, None, cache,
-                                   None, streams)[0]
-            logits = model.head(x)
+            logits = paused_pass(model, root, cache, streams)
             root = mx.argmax(logits[:1], axis=-1)
             if streams:
                 cands = draft(logits[1:])
                 ema = ratio + 1.0
-            cache.commit()
             stats.forward_passes += 1
             stats.step_tokens += 1
             produced += 1

@@ -39,6 +39,7 @@ from .decode import (
     autoregressive_steps,
     check_context,
     default_tree,
+    paused_pass,
 )
 from .model import SpecStreamModel
 from .sampling import (
@@ -164,11 +165,7 @@ def sampled_speculative_steps(
                 return
             paused -= 1
             streams = paused == 0
-            pos = mx.array([cache.offset])
-            x = model.upper_hidden(model.lower(root, pos, None, cache), pos, None, cache,
-                                   None, streams)[0]
-            logits = model.head(x)
-            cache.commit()
+            logits = paused_pass(model, root, cache, streams)
             ctx.append(root_tok)
             hist = [tail([])] if c else None
             if greedy:
