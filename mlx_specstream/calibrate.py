@@ -200,6 +200,8 @@ def calibrate_folder(
     from .generate import load
     from .training.data import chitchat_prompts
 
+    if streams_path is not None and not Path(streams_path).is_dir():
+        raise FileNotFoundError(f"streams folder not found: {streams_path}")
     model, tokenizer = load(folder, streams_path=streams_path)
     folder = Path(streams_path) if streams_path is not None else Path(folder)
     if prompts is None:

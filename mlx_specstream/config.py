@@ -81,6 +81,10 @@ class SpecStreamConfig:
         if self.draft_method == "medusa" and self.stream_lora_rank:
             raise ValueError("medusa heads have no stream rows in the layers: stream_lora_rank "
                              "must be 0")
+        if self.tree_costs is not None:
+            self.tree_costs = [float(c) for c in self.tree_costs]
+            if any(c <= 0 for c in self.tree_costs):
+                raise ValueError(f"tree_costs must be positive, got {self.tree_costs}")
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
         self.tree_topk = [int(k) for k in self.tree_topk]

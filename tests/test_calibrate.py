@@ -51,3 +51,15 @@ def test_acceptance_stats_and_cost_on_a_model_that_repeats_itself() -> None:
     ref = list(speculative_steps(model, mx.array([1, 5, 7, 9]), 20, DecodeStats(),
                                  tree_from_paths([])))
     assert out == ref
+
+
+def test_bad_tree_costs_and_missing_streams_folder_are_clear_errors(tmp_path) -> None:
+    from mlx_specstream.calibrate import calibrate_folder
+    from mlx_specstream.config import SpecStreamConfig
+
+    import pytest
+
+    with pytest.raises(ValueError, match="tree_costs"):
+        SpecStreamConfig(tree_costs=[1.0, 0.0])
+    with pytest.raises(FileNotFoundError, match="streams folder"):
+        calibrate_folder(tmp_path, streams_path=tmp_path / "nope")
