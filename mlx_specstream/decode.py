@@ -39,6 +39,13 @@ class DecodeStats:
         n = max(self.forward_passes, 1)
         return [a / n for a in self.accepted_per_depth]
 
+    def record_tree_pass(self, nodes: int, path: list[int]) -> None:
+        """Count one tree pass of ``nodes`` nodes that accepted ``path`` (root first)."""
+        self.forward_passes += 1
+        self.tree_nodes += nodes
+        for d in range(1, len(path)):
+            self.accepted_per_depth[d - 1] += 1
+
 
 def _topk_indices(logits: mx.array, k: int) -> mx.array:
     """Indices of the k largest entries along the last axis, best first."""
@@ -51,6 +58,43 @@ def _topk_indices(logits: mx.array, k: int) -> mx.array:
 
 
 PAUSE_TOKENS = 16
+
+
+@dataclass
+class Pause:
+    """The adaptive pause of the speculative loops (greedy and sampled).
+
+    A tree pass costs ``ratio`` plain passes on this machine (``draft_cost_ratio``,
+    measured by calibrate).  While the running mean of tokens per tree pass stays below
+    it, drafting loses time: the loop then decodes ``tokens`` tokens with plain passes
+    (the streams run only on the last of them, to draft again) and probes the tree
+    anew.  ``ratio`` 0 never pauses."""
+
+    ratio: float
+    tokens: int = PAUSE_TOKENS
+    left: int = 0  # plain passes still to run
+    ema: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ema = self.ratio + 1.0  # optimistic start
+
+    @property
+    def active(self) -> bool:
+        return self.left > 0
+
+    def take(self) -> bool:
+        """Use up one plain pass; True for the last one, whose streams must run."""
+        self.left -= 1
+        if self.left > 0:
+            return False
+        self.ema = self.ratio + 1.0
+        return True
+
+    def observe(self, tokens: int) -> None:
+        """A tree pass produced ``tokens`` tokens."""
+        self.ema = 0.7 * self.ema + 0.3 * tokens
+        if self.ratio > 0 and self.ema < self.ratio:
+            self.left = self.tokens
 
 
 def default_tree(cfg: SpecStreamConfig) -> Tree:
@@ -234,24 +278,16 @@ def speculative_steps(
     produced += 1
     yield first
 
-    # Adaptive pause: when the running tokens per pass drops below what a tree pass costs
-    # relative to a plain one (cfg.draft_cost_ratio, measured by calibrate), drafting
-    # loses time; decode PAUSE_TOKENS tokens plainly (streams only on the last of them,
-    # to draft again), then probe the tree again.
-    ratio = cfg.draft_cost_ratio
-    ema = ratio + 1.0  # optimistic start
-    paused = 0
+    pause = Pause(cfg.draft_cost_ratio)
     while produced < max_tokens:
-        if paused > 0:
+        if pause.active:
             if cache.offset + 1 > limit:
                 return
-            paused -= 1
-            streams = paused == 0
+            streams = pause.take()
             logits = paused_pass(model, root, cache, streams)
             root = mx.argmax(logits[:1], axis=-1)
             if streams:
                 cands = draft(logits[1:])
-                ema = ratio + 1.0
             stats.forward_passes += 1
             stats.step_tokens += 1
             produced += 1
@@ -292,13 +328,8 @@ def speculative_steps(
         pred_np, tok_np = np.array(pred), np.array(u_tokens)
         path = accept_greedy(tree_sub, tok_np, pred_np)
         last = path[-1]
-        stats.forward_passes += 1
-        stats.tree_nodes += n
-        for d in range(1, len(path)):
-            stats.accepted_per_depth[d - 1] += 1
-        ema = 0.7 * ema + 0.3 * len(path)
-        if ratio > 0 and ema < ratio:
-            paused = PAUSE_TOKENS
+        stats.record_tree_pass(n, path)
+        pause.observe(len(path))
         # Commit: lower layers hold every node, upper layers the kept ones.
         if kept is None:
             cache.commit(path)

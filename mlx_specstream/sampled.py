@@ -32,8 +32,8 @@ import mlx.core as mx
 import numpy as np
 
 from .decode import (
-    PAUSE_TOKENS,
     DecodeStats,
+    Pause,
     _prefill,
     _topk_indices,
     autoregressive_steps,
@@ -153,18 +153,14 @@ def sampled_speculative_steps(
     produced = 1
     yield first
 
-    # Adaptive pause, as in decode.speculative_steps: while the running tokens per pass
-    # stays below the calibrated cost of a tree pass, sample PAUSE_TOKENS tokens plainly
-    # (the target's own law, so the output law is unchanged), streams on the last one.
-    ratio = cfg.draft_cost_ratio
-    ema = ratio + 1.0
-    paused = 0
+    # Adaptive pause (decode.Pause): paused tokens are sampled plainly, from the
+    # target's own law, so the output law is unchanged.
+    pause = Pause(cfg.draft_cost_ratio)
     while produced < max_tokens:
-        if paused > 0:
+        if pause.active:
             if cache.offset + 1 > limit:
                 return
-            paused -= 1
-            streams = paused == 0
+            streams = pause.take()
             logits = paused_pass(model, root, cache, streams)
             ctx.append(root_tok)
             hist = [tail([])] if c else None
@@ -175,7 +171,6 @@ def sampled_speculative_steps(
             root = mx.array([root_tok], dtype=mx.int32)
             if streams:
                 q, cands = proposals(logits[1 : 1 + depth_n], root_tok)
-                ema = ratio + 1.0
             stats.forward_passes += 1
             stats.step_tokens += 1
             produced += 1
@@ -210,13 +205,8 @@ def sampled_speculative_steps(
                 tree, tok_np, np.array(p), np.array(q), rng, np.array(cands)
             )
         last = path[-1]
-        stats.forward_passes += 1
-        stats.tree_nodes += n
-        for d in range(1, len(path)):
-            stats.accepted_per_depth[d - 1] += 1
-        ema = 0.7 * ema + 0.3 * len(path)
-        if ratio > 0 and ema < ratio:
-            paused = PAUSE_TOKENS
+        stats.record_tree_pass(n, path)
+        pause.observe(len(path))
         cache.commit(path)
         ctx.extend(int(tok_np[i]) for i in path)
         root = mx.array([nxt_tok], dtype=mx.int32)

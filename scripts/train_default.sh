@@ -5,7 +5,7 @@
 #      user turns of chitchat-dataset conversations (the last 100 conversations are held out);
 #   2. lossless training of the streams (base frozen): stream embeddings, stream-only LoRA
 #      (rank 32) in the top 4 MSA layers, then the pruning adapter;
-#   3. tokens per forward pass on 30 held-out prompts x 128 tokens.
+#   3. tokens per forward pass on 30 held-out prompts x 128 tokens (benchmarks/bench_heldout.py).
 # Usage: scripts/train_default.sh [WORK_DIR]   (default runs/default; resumable: distill
 # appends and skips prompts already answered).  Environment: PYTHON, NUM_PROMPTS, EPOCHS.
 # These are the settings of the shipped run (train_report.json): 3000 prompts, batch 128,
@@ -41,29 +41,9 @@ mkdir -p mlx_specstream/default_streams
 cp "$WORK/streams/config.json" "$WORK/streams/specstream.safetensors" \
     mlx_specstream/default_streams/
 
-"$PY" - "$MODEL" "$WORK/streams" <<'PYEOF'
-import sys
-import mlx_specstream
-from mlx_specstream import load, stream_generate
-from mlx_specstream.training.data import heldout_prompts
-
-model, tok = load(sys.argv[1], streams_path=sys.argv[2])
-tokens = passes = 0
-depth = [0] * model.cfg.num_streams
-for p in heldout_prompts(30):
-    prompt = tok.apply_chat_template([{"role": "user", "content": p}],
-                                     add_generation_prompt=True, tokenize=False)
-    last = None
-    for last in stream_generate(model, tok, prompt, max_tokens=128):
-        pass
-    tokens += round(last.tokens_per_pass * last.forward_passes)
-    passes += last.forward_passes
-    for d, a in enumerate(last.accepted_per_depth[: len(depth)]):
-        depth[d] += a
-print(f"held-out: {tokens / max(passes, 1):.3f} tokens per forward pass "
-      f"({tokens} tokens, {passes} passes); acceptance per depth: "
-      + " ".join(f"{a / max(passes, 1):.3f}" for a in depth))
-PYEOF
+# Tokens per forward pass on the held-out prompts, tree [3, 2, 1] (the issue's target).
+"$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams" \
+    --trees 3,2,1 --output "$WORK/heldout.md"
 
 # Size the tree for this machine and ship it with the streams.
 "$PY" - <<'PYEOF'

@@ -243,6 +243,28 @@ def test_no_pause_when_drafts_pay() -> None:
     assert stats.tokens_per_pass == 4.0
 
 
+def test_pause_policy() -> None:
+    """The pause on its own: it starts optimistic, pauses once the running tokens per tree
+    pass falls below the cost ratio, runs its plain passes (streams on the last), then
+    probes the tree again from an optimistic mean; ratio 0 never pauses."""
+    from mlx_specstream.decode import Pause
+
+    p = Pause(1.5, tokens=3)
+    p.observe(2)  # 0.7 * 2.5 + 0.3 * 2 = 2.35
+    assert not p.active
+    p.observe(1)  # 1.945
+    p.observe(1)  # 1.66
+    assert not p.active
+    p.observe(1)  # 1.46 < 1.5
+    assert p.active
+    assert [p.take(), p.take(), p.take()] == [False, False, True]
+    assert not p.active and p.ema == 2.5
+    never = Pause(0.0)
+    for _ in range(20):
+        never.observe(1)
+    assert not never.active
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.3, 50.0])
 def test_adaptive_pause_is_lossless_on_a_real_model(ratio: float) -> None:
     model = tiny_model("llama", lora_rank=4, random_lora=True, draft_cost_ratio=ratio)
