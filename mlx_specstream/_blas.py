@@ -155,6 +155,43 @@ static void skinny(I m, I n, I k, float al, const float *a, I lda, const float *
   }
 }
 
+static inline v8 splat(float f) { v8 v = {f, f, f, f, f, f, f, f}; return v; }
+
+/* C = al * A @ B + be * C with B (k x n) row-major, not transposed, and small: attention's
+   probabilities @ values, which MLX issues once per head (270 calls in a 1-token pass of
+   SmolLM2), each a tiny product for which OpenBLAS's packing costs more than the
+   arithmetic.  Each row of C is its own sum over t, in order: batch-invariant too. */
+#define NN_COLS(W)                                                                       \
+  for (; j + 8 * W <= n; j += 8 * W) {                                                   \
+    v8 acc[W];                                                                           \
+    for (int q = 0; q < W; q++) acc[q] = (v8){0};                                        \
+    for (I t = 0; t < k; t++) {                                                          \
+      v8 xv = splat(x[t]);                                                               \
+      const float *br = b + (long)t * ldb + j;                                           \
+      for (int q = 0; q < W; q++) acc[q] = fma8(xv, ld(br + 8 * q), acc[q]);             \
+    }                                                                                    \
+    for (int q = 0; q < W; q++)                                                          \
+      for (int l = 0; l < 8; l++) {                                                      \
+        float *oo = o + j + 8 * q + l;                                                   \
+        *oo = be == 0.0f ? al * acc[q][l] : al * acc[q][l] + be * *oo;                   \
+      }                                                                                  \
+  }
+static void small_nn(I m, I n, I k, float al, const float *a, I lda, const float *b, I ldb,
+                     float be, float *c, I ldc) {
+  for (I i = 0; i < m; i++) {
+    const float *x = a + (long)i * lda;
+    float *o = c + (long)i * ldc;
+    I j = 0;
+    NN_COLS(4)
+    NN_COLS(1)
+    for (; j < n; j++) {
+      float s = 0.0f;
+      for (I t = 0; t < k; t++) s += x[t] * b[(long)t * ldb + j];
+      o[j] = be == 0.0f ? al * s : al * s + be * o[j];
+    }
+  }
+}
+
 /* Everything else: OpenBLAS single-threaded on slices of C, one slice per thread of
    this file's OpenMP pool, so that one thread pool serves every GEMM (two pools that
    spin on two cores starve each other). */
@@ -189,6 +226,11 @@ void cblas_sgemm(I o, I ta, I tb, I m, I n, I k, float al, const float *a, I lda
                  const float *b, I ldb, float be, float *c, I ldc) {
   if (o == RowMajor && ta == NoTrans && tb == Trans && m <= max_m && m > 0 && k > 0) {
     skinny(m, n, k, al, a, lda, b, ldb, be, c, ldc);
+    return;
+  }
+  if (o == RowMajor && ta == NoTrans && tb == NoTrans && m <= max_m && m > 0 && k > 0 &&
+      (long)n * k <= 65536L) {
+    small_nn(m, n, k, al, a, lda, b, ldb, be, c, ldc);
     return;
   }
   if (one_pool) sliced(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);

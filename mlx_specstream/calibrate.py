@@ -196,7 +196,8 @@ def calibrate_folder(
 ) -> dict[str, object]:
     """Measure, choose and (when ``write``) store the tree of a model folder (or of the
     streams folder ``streams_path`` used with it).  ``prompts``: user turns of the
-    domain the streams were trained for (default: chitchat training-side turns)."""
+    domain the streams were trained for (default: the last held-out chitchat turns,
+    never trained on and disjoint from the first ones the benchmarks use)."""
     from .generate import load
     from .training.data import chitchat_prompts
 
@@ -205,7 +206,7 @@ def calibrate_folder(
     model, tokenizer = load(folder, streams_path=streams_path)
     folder = Path(streams_path) if streams_path is not None else Path(folder)
     if prompts is None:
-        prompts = chitchat_prompts()[0][-num_prompts:]  # training-side, never held out
+        prompts = chitchat_prompts()[1][-num_prompts:]
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                          add_generation_prompt=True) for p in prompts]
     cost = measure_cost(model, progress=progress)
@@ -216,17 +217,22 @@ def calibrate_folder(
         _write_json(folder / CALIBRATION_FILE, result)
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        section = config.setdefault(CONFIG_KEY, model.cfg.to_dict())
-        section["tree_paths"] = choice["tree_paths"]
-        best = choice["best"]
-        section["draft_cost_ratio"] = round(best["seconds"] / cost["autoregressive"], 3)
-        sizes = sorted(int(n) for n in cost["tree"])
-        consecutive = [n for i, n in enumerate(sizes, start=1) if n == i]
-        section["tree_costs"] = [round(cost["tree"][str(n)] / cost["autoregressive"], 3)
-                                 for n in consecutive]
+        apply_result(config.setdefault(CONFIG_KEY, model.cfg.to_dict()), result)
         _write_json(config_path, config)
         plot(result, folder / "calibration.png")
     return result
+
+
+def apply_result(section: dict, result: dict) -> None:
+    """Store a calibration result in a config section: the chosen tree, its cost ratio
+    (for the adaptive pause) and the cost of each tree size (for dynamic chains)."""
+    cost, choice = result["cost"], result["choice"]
+    section["tree_paths"] = choice["tree_paths"]
+    section["draft_cost_ratio"] = round(choice["best"]["seconds"] / cost["autoregressive"], 3)
+    sizes = sorted(int(n) for n in cost["tree"])
+    consecutive = [n for i, n in enumerate(sizes, start=1) if n == i]
+    section["tree_costs"] = [round(cost["tree"][str(n)] / cost["autoregressive"], 3)
+                             for n in consecutive]
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -27,3 +27,24 @@ def test_readme_has_the_result_blocks() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in ("peers", "sql"):
         assert f"<!-- results:{name} -->" in readme and f"<!-- /results:{name} -->" in readme
+
+
+def test_heldout_benchmark_runs_on_a_tiny_folder(api_model_dir: Path, tmp_path: Path) -> None:
+    """bench_heldout (the trained streams' tokens per pass) on a tiny random folder: the
+    table and the JSON are written, and every pass yields between 1 and 1 + depth tokens."""
+    import json
+    import warnings
+
+    from bench_heldout import main
+
+    out = tmp_path / "heldout.md"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["--model", str(api_model_dir), "--trees", "2,1", "config",
+                     "--prompts", "2", "--max-tokens", "6", "--output", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["tree"].split()[0] for r in rows] == ["2,1", "config"]
+    for r in rows:
+        assert r["passes"] > 0 and 1.0 <= r["tokens_per_pass"] <= 3.0
+        assert all(0.0 <= a <= 1.0 for a in r["acceptance_per_depth"])
+    assert "| 2,1 |" in out.read_text()

@@ -52,3 +52,54 @@ def test_rows_are_batch_invariant() -> None:
         part = np.array(x[:m] @ w.T)
         assert np.array_equal(part, full[:m])
     assert np.array_equal(np.array(x[3:4] @ w.T), full[3:4])
+
+
+@needs_shim
+def test_small_attention_products_are_batch_invariant() -> None:
+    """probabilities @ values (B not transposed, small): each row is the same whatever
+    the number of rows, as for x @ W.T."""
+    limit = _blas.SHIM_MAX_M
+    if limit < 2:
+        pytest.skip("skinny kernel off")
+    rng = np.random.default_rng(2)
+    p = mx.array(rng.random((limit, 261)).astype(np.float32))
+    v = mx.array(rng.standard_normal((261, 64)).astype(np.float32))
+    full = np.array(p @ v)
+    np.testing.assert_allclose(full, np.array(p).astype(np.float64) @ np.array(v), rtol=1e-4,
+                               atol=1e-4)
+    for m in range(1, limit + 1):
+        assert np.array_equal(np.array(p[:m] @ v), full[:m])
+
+
+@needs_shim
+def test_a_multi_token_pass_equals_one_token_passes() -> None:
+    """With the shim, the logits of k new tokens in one causal pass are bit-identical to
+    k one-token passes (k up to the skinny limit): verifying a draft computes exactly what
+    autoregressive decoding would."""
+    from mlx_specstream.model import causal_mask
+    from tinymodels import tiny_model
+
+    k = min(_blas.SHIM_MAX_M, 4)
+    if k < 2:
+        pytest.skip("skinny kernel off")
+    model = tiny_model("llama", seed=5)
+    prompt = mx.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    new = [7, 11, 13, 17][:k]
+
+    def prefilled():
+        cache = model.make_cache()
+        model(prompt, cache=cache, with_streams=False)
+        cache.commit()
+        return cache
+
+    cache = prefilled()
+    off = cache.offset
+    many = model(mx.array(new), positions=mx.arange(off, off + k), mask=causal_mask(k),
+                 cache=cache, with_streams=False)[0]
+    many = np.array(many[0])
+    cache = prefilled()
+    for i, t in enumerate(new):
+        one = model(mx.array([t]), positions=mx.array([off + i]), cache=cache,
+                    with_streams=False)[0]
+        cache.commit()
+        assert np.array_equal(np.array(one[0, 0]), many[i]), f"token {i}"
