@@ -103,3 +103,36 @@ def test_a_multi_token_pass_equals_one_token_passes() -> None:
                     with_streams=False)[0]
         cache.commit()
         assert np.array_equal(np.array(one[0, 0]), many[i]), f"token {i}"
+
+
+@needs_shim
+def test_a_draft_chain_pass_with_streams_verifies_exactly() -> None:
+    """A 4-node chain with its 3 streams per node (16 rows in the MSA layers): the main
+    rows' logits are bit-identical to one-token passes without streams."""
+    from mlx_specstream.model import causal_mask
+    from tinymodels import tiny_model
+
+    if _blas.SHIM_MAX_M < 16:
+        pytest.skip("skinny limit below 16 rows")
+    model = tiny_model("llama", seed=6, lora_rank=4, random_lora=True)
+    prompt = mx.array([2, 7, 1, 8, 2, 8, 1, 8])
+    new = [3, 14, 15, 9]
+
+    def prefilled():
+        cache = model.make_cache()
+        model(prompt, cache=cache, with_streams=False)
+        cache.commit()
+        return cache
+
+    cache = prefilled()
+    off = cache.offset
+    main, streams, _ = model(mx.array(new), positions=mx.arange(off, off + 4),
+                             mask=causal_mask(4), cache=cache, with_streams=True)
+    assert streams is not None
+    main = np.array(main[0])
+    cache = prefilled()
+    for i, t in enumerate(new):
+        one = model(mx.array([t]), positions=mx.array([off + i]), cache=cache,
+                    with_streams=False)[0]
+        cache.commit()
+        assert np.array_equal(np.array(one[0, 0]), main[i]), f"token {i}"
