@@ -42,6 +42,27 @@ def test_main_logits_equal_mlx_lm(model_type: str, lora: bool) -> None:
         assert maxdiff(ours, base(mx.array([[t]]), cache=ref_cache)) <= TOL
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_decode_steps_are_bit_identical_to_mlx_lm(model_type: str) -> None:
+    """With the GEMM shim (batch-invariant rows), our decode steps, streams attached or
+    not, give exactly mlx-lm's logits: greedy speculative output is mlx-lm's by
+    construction, not just within a tolerance."""
+    from mlx_specstream import _blas
+
+    if _blas.SHIM is None or _blas.SHIM_MAX_M < 4:
+        pytest.skip("no batch-invariant GEMM shim on this machine")
+    model = tiny_model(model_type, lora_rank=4, random_lora=True)
+    base = model.base
+    cache, ref_cache = model.make_cache(), make_prompt_cache(base)
+    model(PROMPT, cache=cache, with_streams=False)
+    cache.commit()
+    base(PROMPT, cache=ref_cache)
+    for i, t in enumerate([4, 8, 15, 16]):
+        ours, _, _ = model(mx.array([[t]]), cache=cache, with_streams=i % 2 == 0)
+        cache.commit()
+        assert mx.array_equal(ours, base(mx.array([[t]]), cache=ref_cache)).item(), i
+
+
 def test_tree_pass_and_commit_match_sequential() -> None:
     """Tree nodes see only their ancestors; committing a path equals running it."""
     model = tiny_model("llama")
