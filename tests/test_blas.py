@@ -71,31 +71,24 @@ def test_small_attention_products_are_batch_invariant() -> None:
         assert np.array_equal(np.array(p[:m] @ v), full[:m])
 
 
-@needs_shim
-def test_a_multi_token_pass_equals_one_token_passes() -> None:
-    """With the shim, the logits of k new tokens in one causal pass are bit-identical to
-    k one-token passes (k up to the skinny limit): verifying a draft computes exactly what
-    autoregressive decoding would."""
+def _pass_equals_one_token_passes(model, prompt: list[int], new: list[int],
+                                  streams: bool) -> None:
+    """The main logits of ``new`` in one causal pass (streams attached or not) are
+    bit-identical to one-token passes without streams, each after the same prefill."""
     from mlx_specstream.model import causal_mask
-    from tinymodels import tiny_model
-
-    k = min(_blas.SHIM_MAX_M, 4)
-    if k < 2:
-        pytest.skip("skinny kernel off")
-    model = tiny_model("llama", seed=5)
-    prompt = mx.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
-    new = [7, 11, 13, 17][:k]
 
     def prefilled():
         cache = model.make_cache()
-        model(prompt, cache=cache, with_streams=False)
+        model(mx.array(prompt), cache=cache, with_streams=False)
         cache.commit()
         return cache
 
+    k = len(new)
     cache = prefilled()
     off = cache.offset
-    many = model(mx.array(new), positions=mx.arange(off, off + k), mask=causal_mask(k),
-                 cache=cache, with_streams=False)[0]
+    many, stream_logits, _ = model(mx.array(new), positions=mx.arange(off, off + k),
+                                   mask=causal_mask(k), cache=cache, with_streams=streams)
+    assert (stream_logits is not None) == streams
     many = np.array(many[0])
     cache = prefilled()
     for i, t in enumerate(new):
@@ -106,33 +99,26 @@ def test_a_multi_token_pass_equals_one_token_passes() -> None:
 
 
 @needs_shim
+def test_a_multi_token_pass_equals_one_token_passes() -> None:
+    """With the shim, the logits of k new tokens in one causal pass are bit-identical to
+    k one-token passes (k up to the skinny limit): verifying a draft computes exactly what
+    autoregressive decoding would."""
+    from tinymodels import tiny_model
+
+    k = min(_blas.SHIM_MAX_M, 4)
+    if k < 2:
+        pytest.skip("skinny kernel off")
+    _pass_equals_one_token_passes(tiny_model("llama", seed=5), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3],
+                                  [7, 11, 13, 17][:k], streams=False)
+
+
+@needs_shim
 def test_a_draft_chain_pass_with_streams_verifies_exactly() -> None:
     """A 4-node chain with its 3 streams per node (16 rows in the MSA layers): the main
     rows' logits are bit-identical to one-token passes without streams."""
-    from mlx_specstream.model import causal_mask
     from tinymodels import tiny_model
 
     if _blas.SHIM_MAX_M < 16:
         pytest.skip("skinny limit below 16 rows")
     model = tiny_model("llama", seed=6, lora_rank=4, random_lora=True)
-    prompt = mx.array([2, 7, 1, 8, 2, 8, 1, 8])
-    new = [3, 14, 15, 9]
-
-    def prefilled():
-        cache = model.make_cache()
-        model(prompt, cache=cache, with_streams=False)
-        cache.commit()
-        return cache
-
-    cache = prefilled()
-    off = cache.offset
-    main, streams, _ = model(mx.array(new), positions=mx.arange(off, off + 4),
-                             mask=causal_mask(4), cache=cache, with_streams=True)
-    assert streams is not None
-    main = np.array(main[0])
-    cache = prefilled()
-    for i, t in enumerate(new):
-        one = model(mx.array([t]), positions=mx.array([off + i]), cache=cache,
-                    with_streams=False)[0]
-        cache.commit()
-        assert np.array_equal(np.array(one[0, 0]), main[i]), f"token {i}"
+    _pass_equals_one_token_passes(model, [2, 7, 1, 8, 2, 8, 1, 8], [3, 14, 15, 9], streams=True)
