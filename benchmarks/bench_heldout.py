@@ -43,11 +43,24 @@ def measure(model, tokenizer, prompts: list[str], max_tokens: int,
             "acceptance_per_depth": [a / n for a in depth]}
 
 
+def tree_arg(text: str) -> str:
+    """A --trees entry: "config" or positive integers "k1,k2,...", else a usage error."""
+    if text != "config":
+        try:
+            ks = [int(k) for k in text.split(",")]
+        except ValueError:
+            ks = []
+        if not ks or min(ks) < 1:
+            raise argparse.ArgumentTypeError(
+                f'{text!r}: a tree is "config" or positive integers like 3,2,1')
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--streams-path", default=None, help="streams to use instead of the folder's")
-    p.add_argument("--trees", nargs="+", default=["3,2,1", "config"],
+    p.add_argument("--trees", nargs="+", type=tree_arg, default=["3,2,1", "config"],
                    help='product trees as "k1,k2,..." or "config"')
     p.add_argument("--prompts", type=int, default=30)
     p.add_argument("--max-tokens", type=int, default=128)
