@@ -206,7 +206,11 @@ def calibrate_folder(
     model, tokenizer = load(folder, streams_path=streams_path)
     folder = Path(streams_path) if streams_path is not None else Path(folder)
     if prompts is None:
-        prompts = chitchat_prompts()[1][-num_prompts:]
+        heldout = chitchat_prompts()[1]
+        if not 0 < num_prompts <= len(heldout):
+            raise ValueError(f"num_prompts must be 1..{len(heldout)} (held-out chitchat turns), "
+                             f"got {num_prompts}; pass your own prompts for more")
+        prompts = heldout[-num_prompts:]
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                          add_generation_prompt=True) for p in prompts]
     cost = measure_cost(model, progress=progress)

@@ -63,3 +63,12 @@ def test_bad_tree_costs_and_missing_streams_folder_are_clear_errors(tmp_path) ->
         SpecStreamConfig(tree_costs=[1.0, 0.0])
     with pytest.raises(FileNotFoundError, match="streams folder"):
         calibrate_folder(tmp_path, streams_path=tmp_path / "nope")
+
+
+def test_more_default_prompts_than_held_out_turns_is_a_clear_error(api_model_dir) -> None:
+    from mlx_specstream.calibrate import calibrate_folder
+
+    import pytest
+
+    with pytest.raises(ValueError, match="num_prompts must be 1..100"):
+        calibrate_folder(api_model_dir, num_prompts=500, write=False, progress=False)
