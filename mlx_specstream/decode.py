@@ -58,6 +58,7 @@ def _topk_indices(logits: mx.array, k: int) -> mx.array:
 
 
 PAUSE_TOKENS = 16
+PAUSE_MAX_TOKENS = 128
 
 
 @dataclass
@@ -66,17 +67,27 @@ class Pause:
 
     A tree pass costs ``ratio`` plain passes on this machine (``draft_cost_ratio``,
     measured by calibrate).  While the running mean of tokens per tree pass stays below
-    it, drafting loses time: the loop then decodes ``tokens`` tokens with plain passes
-    (the streams run only on the last of them, to draft again) and probes the tree
-    anew.  ``ratio`` 0 never pauses."""
+    it, drafting loses time: the loop then decodes ``span`` tokens with plain passes
+    (the streams run only on the last of them, to draft again) and probes the tree anew.
+    The mean starts optimistic (``ratio + 1``: a few tree passes before the first pause)
+    but restarts neutral after a pause (``ratio``), so that one probe decides: a probe
+    that returns fewer tokens than a tree pass costs pauses again at once, for twice as
+    long (up to ``max_tokens``); a probe that pays resets the span to ``tokens``.  So
+    text the streams cannot predict (sampling at a high temperature, an unfamiliar
+    domain) pays for a probe only every ``max_tokens`` tokens.  ``ratio`` 0 never
+    pauses."""
 
     ratio: float
     tokens: int = PAUSE_TOKENS
+    max_tokens: int = PAUSE_MAX_TOKENS
     left: int = 0  # plain passes still to run
     ema: float = field(init=False)
+    span: int = field(init=False)  # length of the next pause
+    probing: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.ema = self.ratio + 1.0  # optimistic start
+        self.span = self.tokens
 
     @property
     def active(self) -> bool:
@@ -87,14 +98,19 @@ class Pause:
         self.left -= 1
         if self.left > 0:
             return False
-        self.ema = self.ratio + 1.0
+        self.ema = self.ratio
+        self.probing = True
         return True
 
     def observe(self, tokens: int) -> None:
         """A tree pass produced ``tokens`` tokens."""
         self.ema = 0.7 * self.ema + 0.3 * tokens
-        if self.ratio > 0 and self.ema < self.ratio:
-            self.left = self.tokens
+        paying = self.ratio <= 0 or self.ema >= self.ratio
+        if self.probing:
+            self.probing = False
+            self.span = self.tokens if paying else min(2 * self.span, self.max_tokens)
+        if not paying:
+            self.left = self.span
 
 
 def default_tree(cfg: SpecStreamConfig) -> Tree:

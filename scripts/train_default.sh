@@ -5,18 +5,19 @@
 #      user turns of chitchat-dataset conversations (the last 100 conversations are held out);
 #   2. lossless training of the streams (base frozen): stream embeddings, stream-only LoRA
 #      (rank 32) in the top 4 MSA layers, then the pruning adapter;
-#   3. more distilled answers (all the training-side prompts) and a short continuation of
-#      the streams on the whole set (the pruning adapter is kept);
+#   3. more distilled answers (all the training-side prompts) and two short continuations
+#      of the streams on the whole set (the pruning adapter is kept): CONT_ITERS steps, then
+#      CONT2_ITERS more with a fresh schedule and another batch order (seed 1);
 #   4. tokens per forward pass on 30 held-out prompts x 128 tokens (benchmarks/bench_heldout.py);
 #   5. the tree calibrated for the machine it runs on, written to the shipped config.
 # Usage: scripts/train_default.sh [WORK_DIR]   (default runs/default; resumable: distill
 # appends and skips prompts already answered).  Environment: PYTHON, NUM_PROMPTS, EPOCHS,
-# ALL_PROMPTS, CONT_ITERS.
+# ALL_PROMPTS, CONT_ITERS, CONT2_ITERS.
 # The shipped run: steps 1-2 with 3000 prompts, batch 128, 48 epochs of 8192-token batches,
 # lr 1e-3, P lr 5e-3, pruning adapter 200 steps after the streams, on a lent H200 (MLX CUDA,
 # same commands; ~4 min of distillation + ~3 min of training).  Step 3 ran on this
-# project's 2-core CPU: 1,784 more answers (~25 min at batch 48) and CONT_ITERS steps of
-# 4096-token batches at lr 3e-4 (see default_streams/train_report*.json for times).  On a
+# project's 2-core CPU: 1,784 more answers (~25 min at batch 48), then 64 + 96 steps of
+# 4096-token batches at lr 3e-4 (~39 s a step; default_streams/train_report_cont*.json).  On a
 # 2-core CPU steps 1-2 take hours (NUM_PROMPTS=1000 EPOCHS=3 is a CPU-sized first stage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ BATCH=${BATCH:-128}
 EPOCHS=${EPOCHS:-48}
 ALL_PROMPTS=${ALL_PROMPTS:-4784}
 CONT_ITERS=${CONT_ITERS:-64}
+CONT2_ITERS=${CONT2_ITERS:-96}
 mkdir -p "$WORK"
 MODEL=$("$PY" -c "import mlx_specstream
 from mlx_specstream.default_model import default_model_path
@@ -53,12 +55,19 @@ print(default_model_path(verbose=False))")
     --checkpoint-every 16 --checkpoint-dir "$WORK/checkpoints_cont" \
     --report "$WORK/train_report_cont.json"
 
+"$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/data" \
+    --streams-path "$WORK/streams_cont" --adapter-path "$WORK/streams_cont2" --mode lossless \
+    --iters "$CONT2_ITERS" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.1 \
+    --seed 1 --exit-phase none --cache-gb 0 \
+    --checkpoint-every 16 --checkpoint-dir "$WORK/checkpoints_cont2" \
+    --report "$WORK/train_report_cont2.json"
+
 mkdir -p mlx_specstream/default_streams
-cp "$WORK/streams_cont/config.json" "$WORK/streams_cont/specstream.safetensors" \
+cp "$WORK/streams_cont2/config.json" "$WORK/streams_cont2/specstream.safetensors" \
     mlx_specstream/default_streams/
 
 # Tokens per forward pass on the held-out prompts, tree [3, 2, 1] (the issue's target).
-"$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_cont" \
+"$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_cont2" \
     --trees 3,2,1 --output "$WORK/heldout.md"
 
 # Size the tree for this machine and ship it with the streams.

@@ -246,19 +246,35 @@ def test_no_pause_when_drafts_pay() -> None:
 def test_pause_policy() -> None:
     """The pause on its own: it starts optimistic, pauses once the running tokens per tree
     pass falls below the cost ratio, runs its plain passes (streams on the last), then
-    probes the tree again from an optimistic mean; ratio 0 never pauses."""
+    lets one probe decide from a neutral mean: a failed probe pauses again for twice as
+    long (capped), a paying probe resets the span; ratio 0 never pauses."""
     from mlx_specstream.decode import Pause
 
-    p = Pause(1.5, tokens=3)
+    p = Pause(1.5, tokens=3, max_tokens=8)
     p.observe(2)  # 0.7 * 2.5 + 0.3 * 2 = 2.35
     assert not p.active
     p.observe(1)  # 1.945
     p.observe(1)  # 1.66
     assert not p.active
     p.observe(1)  # 1.46 < 1.5
-    assert p.active
+    assert p.active and p.left == 3
     assert [p.take(), p.take(), p.take()] == [False, False, True]
-    assert not p.active and p.ema == 2.5
+    assert not p.active and p.ema == 1.5
+
+    def run_out() -> None:
+        while p.active:
+            p.take()
+
+    spans = []
+    for _ in range(4):  # failing probes back off: 6, 8 (the cap), 8, 8
+        p.observe(1)
+        spans.append(p.left)
+        run_out()
+    assert spans == [6, 8, 8, 8]
+    p.observe(2)  # 0.7 * 1.5 + 0.3 * 2 = 1.65: the probe pays, drafting goes on
+    assert not p.active and p.span == 3
+    p.observe(1)  # 1.455: an ordinary pause, of the base span
+    assert p.left == 3
     never = Pause(0.0)
     for _ in range(20):
         never.observe(1)
