@@ -48,19 +48,17 @@ print(default_model_path(verbose=False))")
 "$PY" -m mlx_specstream.cli distill --model "$MODEL" --output "$WORK/data" \
     --num-prompts "$ALL_PROMPTS" --max-tokens 128 --batch-size 48
 
-"$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/data" \
-    --streams-path "$WORK/streams" --adapter-path "$WORK/streams_cont" --mode lossless \
-    --iters "$CONT_ITERS" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.1 \
-    --exit-phase none --cache-gb 0 \
-    --checkpoint-every 16 --checkpoint-dir "$WORK/checkpoints_cont" \
-    --report "$WORK/train_report_cont.json"
-
-"$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/data" \
-    --streams-path "$WORK/streams_cont" --adapter-path "$WORK/streams_cont2" --mode lossless \
-    --iters "$CONT2_ITERS" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.1 \
-    --seed 1 --exit-phase none --cache-gb 0 \
-    --checkpoint-every 16 --checkpoint-dir "$WORK/checkpoints_cont2" \
-    --report "$WORK/train_report_cont2.json"
+# continue_streams FROM TO ITERS SEED: a continuation of the streams in FROM (pruning adapter kept)
+continue_streams() {
+    "$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/data" \
+        --streams-path "$WORK/$1" --adapter-path "$WORK/$2" --mode lossless \
+        --iters "$3" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.1 \
+        --seed "$4" --exit-phase none --cache-gb 0 \
+        --checkpoint-every 16 --checkpoint-dir "$WORK/checkpoints_${2#streams_}" \
+        --report "$WORK/train_report_${2#streams_}.json"
+}
+continue_streams streams streams_cont "$CONT_ITERS" 0
+continue_streams streams_cont streams_cont2 "$CONT2_ITERS" 1
 
 mkdir -p mlx_specstream/default_streams
 cp "$WORK/streams_cont2/config.json" "$WORK/streams_cont2/specstream.safetensors" \

@@ -37,13 +37,18 @@ def test_accumulating_matmul_matches_numpy() -> None:
     np.testing.assert_allclose(np.array(got), 0.5 * a @ w.T + 2.0 * c, rtol=1e-4, atol=1e-3)
 
 
+def _skinny_limit() -> int:
+    """Rows the skinny kernels take; skips the test when they are off."""
+    if _blas.SHIM_MAX_M < 2:
+        pytest.skip("skinny kernel off")
+    return _blas.SHIM_MAX_M
+
+
 @needs_shim
 def test_rows_are_batch_invariant() -> None:
     """Up to the skinny limit, each output row is summed in the same order whatever the
     number of rows: a tree node's logits equal the ones a 1-token pass would give."""
-    limit = _blas.SHIM_MAX_M
-    if limit < 2:
-        pytest.skip("skinny kernel off")
+    limit = _skinny_limit()
     rng = np.random.default_rng(1)
     x = mx.array(rng.standard_normal((limit, 576)).astype(np.float32))
     w = mx.array(rng.standard_normal((1000, 576)).astype(np.float32))
@@ -58,9 +63,7 @@ def test_rows_are_batch_invariant() -> None:
 def test_small_attention_products_are_batch_invariant() -> None:
     """probabilities @ values (B not transposed, small): each row is the same whatever
     the number of rows, as for x @ W.T."""
-    limit = _blas.SHIM_MAX_M
-    if limit < 2:
-        pytest.skip("skinny kernel off")
+    limit = _skinny_limit()
     rng = np.random.default_rng(2)
     p = mx.array(rng.random((limit, 261)).astype(np.float32))
     v = mx.array(rng.standard_normal((261, 64)).astype(np.float32))
