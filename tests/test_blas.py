@@ -127,3 +127,41 @@ def test_a_draft_chain_pass_with_streams_verifies_exactly() -> None:
         pytest.skip("skinny limit below 16 rows")
     model = tiny_model("llama", seed=6, lora_rank=4, random_lora=True)
     _pass_equals_one_token_passes(model, [2, 7, 1, 8, 2, 8, 1, 8], [3, 14, 15, 9], streams=True)
+
+
+@needs_shim
+def test_products_do_not_depend_on_the_weights_alignment() -> None:
+    """The same weights at every 4-byte offset of a cache line give bit-identical products
+    for 1 to 16 rows (what lets align_weights move a loaded model's weights)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((70, 150)).astype(np.float32)
+    x = mx.array(rng.standard_normal((16, 150)).astype(np.float32))
+    ref = np.array(x @ mx.array(w).T)
+    for off in range(16):
+        buf = mx.zeros((w.size + 16,))
+        buf[off : off + w.size] = mx.array(w.reshape(-1))
+        moved = buf[off : off + w.size].reshape(w.shape)
+        for m in (1, 3, 4, 16):
+            assert np.array_equal(np.array(x[:m] @ moved.T), ref[:m]), (off, m)
+
+
+@needs_shim
+def test_aligned_weights_keep_the_logits_and_survive_a_save(tmp_path) -> None:
+    """align_weights moves the weights to 64-byte boundaries; the logits stay bit-identical
+    and the moved arrays save and load like any others."""
+    from tinymodels import tiny_model
+
+    from mlx.utils import tree_flatten
+
+    model = tiny_model("llama", seed=8, lora_rank=4, random_lora=True)
+    tokens = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    before = [np.array(a) for a in model(tokens, with_exit=True)]
+    moved = _blas.align_weights(model, min_size=256)
+    params = dict(tree_flatten(model.parameters()))
+    big = [w for w in params.values() if w.ndim == 2 and w.size >= 256]
+    assert moved > 0 and all(_blas._address(w) % 64 == 0 for w in big)
+    after = [np.array(a) for a in model(tokens, with_exit=True)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    mx.save_safetensors(str(tmp_path / "w.safetensors"), params)
+    back = mx.load(str(tmp_path / "w.safetensors"))
+    assert all(np.array_equal(np.array(back[k]), np.array(v)) for k, v in params.items())
