@@ -546,19 +546,21 @@ def align_weights(module, min_size: int = 4096) -> int:
     if SHIM is None:
         return 0
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
 
-    moved = []
-    for name, w in tree_flatten(module.parameters()):
-        if w.ndim == 2 and w.size >= min_size and w.dtype == mx.float32:
+    moved = 0
+    for _, sub in module.named_modules():
+        for key in list(sub.keys()):
+            w = sub[key]
+            if not (isinstance(w, mx.array) and w.ndim == 2 and w.size >= min_size
+                    and w.dtype == mx.float32):
+                continue
             mx.eval(w)
             if _address(w) % 64:
                 view = _aligned_copy(w)
                 if view is not None:
-                    moved.append((name, view))
-    if moved:
-        module.update(tree_unflatten(moved))
-    return len(moved)
+                    sub[key] = view  # one weight at a time: the old buffer goes at once
+                    moved += 1
+    return moved
 
 
 def setup() -> str:
