@@ -130,12 +130,13 @@ def test_a_draft_chain_pass_with_streams_verifies_exactly() -> None:
 
 
 @needs_shim
-def test_products_do_not_depend_on_the_weights_alignment() -> None:
+@pytest.mark.parametrize("k", [150, 576])  # rows one tile at a time / shared multi-column tiles
+def test_products_do_not_depend_on_the_weights_alignment(k: int) -> None:
     """The same weights at every 4-byte offset of a cache line give bit-identical products
     for 1 to 16 rows (what lets align_weights move a loaded model's weights)."""
     rng = np.random.default_rng(2)
-    w = rng.standard_normal((70, 150)).astype(np.float32)
-    x = mx.array(rng.standard_normal((16, 150)).astype(np.float32))
+    w = rng.standard_normal((70, k)).astype(np.float32)
+    x = mx.array(rng.standard_normal((16, k)).astype(np.float32))
     ref = np.array(x @ mx.array(w).T)
     for off in range(16):
         buf = mx.zeros((w.size + 16,))
