@@ -304,8 +304,43 @@ def test_task_mode_and_fuse(tiny_folder: Path, tmp_path: Path):
 def test_evaluate_reports_every_head():
     model = tiny_model("llama")
     m = evaluate(model, _cyclic_batches(3), TrainConfig())
-    assert set(m) == {"main", "s1", "s2", "s3", "exit"}
-    assert all(0.0 <= v["acc"] <= 1.0 for v in m.values())
+    assert set(m) == {"main", "s1", "s2", "s3", "exit", "tpp"}
+    assert all(0.0 <= v["acc"] <= 1.0 for k, v in m.items() if k != "tpp")
+    assert set(m["tpp"]) == {"[3, 2, 1]", "[1, 1, 1]"}
+    assert all(1.0 <= v <= 4.0 for v in m["tpp"].values())
+
+
+def test_simulated_passes_walk():
+    from mlx_specstream.training.trainer import simulated_passes
+
+    # answer tokens at positions 5..14; no draft ever right: one token a pass
+    assert simulated_passes(np.zeros(20, dtype=int), 5, 15) == (9, 9)
+    # every draft right to depth 3: 4 tokens a pass, the last pass cut at the end
+    assert simulated_passes(np.full(20, 3), 5, 15) == (9, 3)
+
+
+@pytest.mark.parametrize("topk", [(3, 2, 1), (1, 1, 1)])
+def test_simulated_tokens_per_pass_equal_decoding(topk):
+    """Teacher-forced on the model's own greedy answer, validation predicts exactly the
+    tokens per pass that speculative decoding reaches (adaptive pause off)."""
+    from mlx_specstream.decode import DecodeStats, speculative_steps
+    from mlx_specstream.training.data import Batch
+    from mlx_specstream.training.trainer import SIMULATED_TREES
+    from mlx_specstream.tree import product_tree
+
+    assert topk in SIMULATED_TREES
+    model = tiny_model("llama", seed=3, lora_rank=4, random_lora=True)
+    model.cfg.draft_cost_ratio = 0.0
+    cyc = _cyclic_batches(1, length=12, seed=1)[0]
+    prompt = [int(t) for t in cyc.tokens[0]]
+    stats = DecodeStats()
+    out = list(speculative_steps(model, mx.array(prompt), 40, stats, tree=product_tree(topk)))
+    seq = np.array([prompt + out], dtype=np.int32)
+    tgt = np.zeros_like(seq, dtype=bool)
+    tgt[0, len(prompt):] = True
+    m = evaluate(model, [Batch(seq, tgt)], TrainConfig())
+    assert stats.forward_passes > 5 and stats.tokens_per_pass > 1.0
+    assert m["tpp"][str(list(topk))] == pytest.approx(stats.tokens_per_pass)
 
 
 def test_sparse_objective_equals_dense():

@@ -121,6 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stop after this step (checkpointed; continue with --resume)",
     )
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="validate every N steps (a learning curve in the report)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true")
 
@@ -202,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=ckpt,
         resume=args.resume,
         stop_at=args.stop_at,
+        eval_every=args.eval_every,
     )
     def split(name: str, limit: int | None) -> list:
         return load_split(args.data, name, tok, mask_prompt=not args.no_mask_prompt,

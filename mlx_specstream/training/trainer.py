@@ -65,6 +65,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     stop_at: int | None = None  # stop the first phase after this step (resume later)
+    eval_every: int = 0  # validate every this many steps of the streams phase (0: never)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -361,13 +362,81 @@ def _terms_for(
     return task_sparse_terms(model, tokens, st, train_streams, train_exit, tc.alpha0, tc.alphas)
 
 
+SIMULATED_TREES: tuple[tuple[int, ...], ...] = ((3, 2, 1), (1, 1, 1))
+
+
+def stream_ranks(model: SpecStreamModel, feats: Features, st: SparseTargets,
+                 chunk: int = 1024) -> mx.array:
+    """Rank of each sparse target among its stream's logits (0: the top-1 token)."""
+    D = feats.h.shape[-1]
+    sh = stream_hidden(model, feats, st.rows).reshape(-1, D)[st.flat]
+    out = []
+    for i in range(0, sh.shape[0], chunk):
+        logits = model.head(sh[i : i + chunk])
+        lab = mx.take_along_axis(logits, st.labels[i : i + chunk, None], axis=-1)
+        out.append((logits > lab).sum(axis=-1))
+        mx.eval(out[-1])
+    return mx.concatenate(out) if out else mx.zeros((0,), dtype=mx.int32)
+
+
+def simulated_passes(hit_depth: np.ndarray, first: int, last: int) -> tuple[int, int]:
+    """(tokens, passes) of greedy tree decoding along one teacher-forced answer.
+
+    ``hit_depth[q]`` is how many draft depths the tree drafted at position q gets right
+    (tokens q+2 .. q+1+d all among its candidates).  Decoding starts with the root at
+    ``first`` (the prefill produced it, drafted at first - 1) and stops at ``last``."""
+    q, tokens, passes = first - 1, 0, 0
+    while (left := last - 1 - (q + 1)) > 0:  # tokens after the root
+        d = min(int(hit_depth[q]), left - 1)
+        tokens += d + 1
+        passes += 1
+        q += d + 1
+    return tokens, passes
+
+
+def _simulate_batch(model: SpecStreamModel, batch: Batch, feats: Features,
+                    st: SparseTargets, trees: tuple[tuple[int, ...], ...]) -> dict[str, list]:
+    """Tokens and passes per simulated tree on one batch.  Exact for greedy answers
+    (the data is then what decoding produces); ``temp`` records are not in valid sets
+    used for this, and padding positions are never targets."""
+    g = model.cfg.num_streams
+    B, T = batch.tokens.shape
+    rows = np.array(st.rows)
+    S = len(rows)
+    ranks = np.array(stream_ranks(model, feats, st))
+    flat = np.array(st.flat)
+    rank = np.full((B * S * g,), np.iinfo(np.int32).max, dtype=np.int64)
+    rank[flat] = ranks
+    rank = rank.reshape(B, S, g)
+    full = np.full((B, T, g), np.iinfo(np.int32).max, dtype=np.int64)
+    full[:, rows] = rank
+    out: dict[str, list] = {}
+    for tree in trees:
+        k = np.array([tree[j] if j < len(tree) else 0 for j in range(g)])
+        hits = full < k  # (B, T, g)
+        depth = np.cumprod(hits, axis=-1).sum(axis=-1)
+        tok = ps = 0
+        for b in range(B):
+            tgt = np.nonzero(batch.targets[b])[0]
+            if len(tgt) < 2:
+                continue
+            t, p = simulated_passes(depth[b], int(tgt[0]), int(tgt[-1]) + 1)
+            tok, ps = tok + t, ps + p
+        out[str(list(tree))] = [tok, ps]
+    return out
+
+
 def evaluate(
     model: SpecStreamModel, batches: list[Batch], tc: TrainConfig, desc: str = "valid"
 ) -> dict[str, dict[str, float]]:
-    """Top-1 accuracy and mean CE of main, each stream and the early exit."""
+    """Top-1 accuracy and mean CE of main, each stream and the early exit; in lossless
+    mode also the tokens per pass that greedy decoding would reach on these answers
+    with the trees of ``SIMULATED_TREES`` (adaptive pause off), as ``tpp``."""
     was_training = model.training
     model.eval()
     sums: dict[str, list[float]] = {}
+    sim: dict[str, list[int]] = {}
+    simulate = tc.mode == "lossless" and model.cfg.num_streams > 0
     for batch in batches:
         feats = None
         if tc.mode == "lossless":
@@ -379,19 +448,33 @@ def evaluate(
             s[0] += terms.ce[name].item()
             s[1] += terms.correct[name].item()
             s[2] += terms.count[name].item()
+        if simulate and feats is not None:
+            st = batch.sparse(model.cfg.num_streams)
+            if st.flat.size:
+                for key, (t, p) in _simulate_batch(model, batch, feats, st,
+                                                   SIMULATED_TREES).items():
+                    acc = sim.setdefault(key, [0, 0])
+                    acc[0] += t
+                    acc[1] += p
     if was_training:
         model.train()
-    return {
+    out: dict[str, dict[str, float]] = {
         name: {"acc": c / max(n, 1), "ce": ce / max(n, 1), "n": n}
         for name, (ce, c, n) in sums.items()
     }
+    if sim:
+        out["tpp"] = {k: t / max(p, 1) for k, (t, p) in sim.items()}
+    return out
 
 
 def format_metrics(m: dict[str, dict[str, float]]) -> str:
     order = ["main"] + sorted(k for k in m if k.startswith("s")) + ["exit"]
-    return "  ".join(
+    text = "  ".join(
         f"{k}: acc {m[k]['acc']:.3f} ce {m[k]['ce']:.3f}" for k in order if k in m
     )
+    if "tpp" in m:
+        text += "  tokens/pass " + " ".join(f"{k} {v:.3f}" for k, v in m["tpp"].items())
+    return text
 
 
 # -- optimisation -------------------------------------------------------------------
@@ -495,9 +578,11 @@ def run_phase(
     lr: float | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    on_eval: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """One optimisation phase ("streams": streams [+ exit adapter], or "exit": the
-    pruning adapter alone).  Returns a summary with the last smoothed losses."""
+    pruning adapter alone).  Returns a summary with the last smoothed losses.
+    ``on_eval(step, examples seen)`` is called every ``tc.eval_every`` steps."""
     set_trainable(model, tc, train_streams, train_exit)
     if phase == "exit":  # only the exit adapter learns
         model.freeze()
@@ -536,6 +621,7 @@ def run_phase(
     bar = _progress(steps, start, f"train[{phase}]") if progress else None
     tic = time.perf_counter()
     ntok = 0
+    seen = 0
     end = steps if phase != "streams" or tc.stop_at is None else min(steps, tc.stop_at)
     for step in range(start, end):
         acc = None
@@ -558,6 +644,7 @@ def run_phase(
             ce_sum += np.array(ce)
             cnt_sum += np.array(cnt)
             ntok += int(batch.targets.sum())
+            seen += batch.tokens.shape[0]
         if tc.grad_accum > 1:
             acc = tree_map(lambda g: g / tc.grad_accum, acc)
         if tc.grad_clip and tc.grad_clip > 0:
@@ -575,6 +662,8 @@ def run_phase(
             done % tc.checkpoint_every == 0 or done == end
         ):
             save_checkpoint(ckpt_dir, model, optimizer, done, phase, {"steps": steps})
+        if on_eval is not None and tc.eval_every and (done % tc.eval_every == 0 or done == end):
+            on_eval(done, seen)
     if bar is not None:
         bar.close()
     secs = time.perf_counter() - tic
@@ -600,10 +689,19 @@ def train(
     cache = _FeatureCache(tc.cache_gb * 2**30) if tc.mode == "lossless" else None
     steps = _num_steps(tc, len(train_batches))
     joint = tc.exit_phase == "joint" and tc.streams
+    curve: list[dict[str, Any]] = []
+
+    def on_eval(step: int, seen: int) -> None:
+        m = evaluate(model, valid_batches, tc)
+        log(f"valid at step {step} ({seen} examples this run): {format_metrics(m)}")
+        curve.append({"step": step, "examples": seen, **m})
+
     report["streams_phase"] = run_phase(
         model, train_batches, tc, "streams", steps, tc.streams, joint, cache, log=log,
-        progress=progress,
+        progress=progress, on_eval=on_eval if valid_batches else None,
     )
+    if curve:
+        report["curve"] = curve
     stopped = tc.stop_at is not None and tc.stop_at < steps
     report["stopped_early"] = stopped
     if tc.exit_phase == "after" and tc.streams and not stopped:
