@@ -22,7 +22,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("mlx_specstream.training.distill", "write self-distillation data"),
     "fuse": ("mlx_specstream.training.fuse", "merge task-mode LoRA into the weights"),
     "calibrate": ("mlx_specstream.calibrate", "measure the forward-pass cost curve"),
-    "bench": ("mlx_specstream.bench_cli", "benchmark against mlx-lm"),
     "doctor": ("mlx_specstream.doctor", "show BLAS, backend and matmul speed"),
 }
 
@@ -42,7 +41,18 @@ def _available() -> dict[str, tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     import mlx_specstream  # noqa: F401  (BLAS set-up before anything imports mlx.core)
 
-    parser = argparse.ArgumentParser(prog="mlx-specstream", description=__doc__)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("mlx-specstream")
+    except PackageNotFoundError:
+        ver = "unknown (not installed)"
+    parser = argparse.ArgumentParser(
+        prog="mlx-specstream",
+        description="Fast LLM inference on MLX with Speculative Streaming: convert a model, "
+                    "train its streams, and generate, chat or serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {ver}")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (mod_name, help_) in _available().items():

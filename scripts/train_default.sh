@@ -9,10 +9,17 @@
 #      of the streams on the whole set (the pruning adapter is kept): CONT_ITERS steps, then
 #      CONT2_ITERS more with a fresh schedule and another batch order (seed 1);
 #   4. tokens per forward pass on 30 held-out prompts x 128 tokens (benchmarks/bench_heldout.py);
-#   5. the tree calibrated for the machine it runs on, written to the shipped config.
+#   5. broad data: user requests written by the model itself (self-instruct) and follow-up
+#      turns, later chitchat turns with their history, chatterbot-corpus questions, tasks
+#      over standard-library passages and the SQL questions, answered by the model (a few
+#      also sampled at temperature 0.7); the streams continue on it (BROAD_ITERS steps),
+#      validated every 20 steps (the learning curve, benchmarks/plot_learning_curve.py);
+#   6. the tree calibrated for the machine it runs on, written to the shipped config.
 # Usage: scripts/train_default.sh [WORK_DIR]   (default runs/default; resumable: distill
 # appends and skips prompts already answered).  Environment: PYTHON, NUM_PROMPTS, EPOCHS,
-# ALL_PROMPTS, CONT_ITERS, CONT2_ITERS.
+# ALL_PROMPTS, CONT_ITERS, CONT2_ITERS, SELF_INSTRUCT, FOLLOW_UPS, PER_SOURCE, BROAD_ITERS;
+# START_STREAMS=mlx_specstream/default_streams skips steps 1-4 (starts from the shipped
+# streams).
 # The shipped run: steps 1-2 with 3000 prompts, batch 128, 48 epochs of 8192-token batches,
 # lr 1e-3, P lr 5e-3, pruning adapter 200 steps after the streams, on a lent H200 (MLX CUDA,
 # same commands; ~4 min of distillation + ~3 min of training).  Step 3 ran on this
@@ -29,44 +36,67 @@ EPOCHS=${EPOCHS:-48}
 ALL_PROMPTS=${ALL_PROMPTS:-4784}
 CONT_ITERS=${CONT_ITERS:-64}
 CONT2_ITERS=${CONT2_ITERS:-96}
+SELF_INSTRUCT=${SELF_INSTRUCT:-1400}
+FOLLOW_UPS=${FOLLOW_UPS:-250}
+PER_SOURCE=${PER_SOURCE:-250}
+BROAD_ITERS=${BROAD_ITERS:-80}
+START_STREAMS=${START_STREAMS:-}
 mkdir -p "$WORK"
 MODEL=$("$PY" -c "import mlx_specstream
 from mlx_specstream.default_model import default_model_path
 print(default_model_path(verbose=False))")
 
-"$PY" -m mlx_specstream.cli distill --model "$MODEL" --output "$WORK/data" \
-    --num-prompts "$NUM_PROMPTS" --max-tokens 128 --batch-size "$BATCH"
+# Steps 1-4: the chat stage.
+if [ -z "$START_STREAMS" ]; then
+    "$PY" -m mlx_specstream.cli distill --model "$MODEL" --output "$WORK/data" \
+        --num-prompts "$NUM_PROMPTS" --max-tokens 128 --batch-size "$BATCH"
 
-"$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/data" \
-    --adapter-path "$WORK/streams" --reinit --mode lossless \
-    --num-streams 3 --stream-layers 4 --stream-lora-rank 32 --tree-topk 3 2 1 \
-    --epochs "$EPOCHS" --batch-tokens 8192 --lr 1e-3 --embed-lr 5e-3 \
-    --exit-phase after --exit-iters 200 \
-    --checkpoint-every 20 --checkpoint-dir "$WORK/checkpoints" \
-    --report "$WORK/train_report.json"
-
-"$PY" -m mlx_specstream.cli distill --model "$MODEL" --output "$WORK/data" \
-    --num-prompts "$ALL_PROMPTS" --max-tokens 128 --batch-size 48
-
-# continue_streams FROM TO ITERS SEED: a continuation of the streams in FROM (pruning adapter kept)
-continue_streams() {
     "$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/data" \
-        --streams-path "$WORK/$1" --adapter-path "$WORK/$2" --mode lossless \
-        --iters "$3" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.1 \
-        --seed "$4" --exit-phase none --cache-gb 0 \
-        --checkpoint-every 16 --checkpoint-dir "$WORK/checkpoints_${2#streams_}" \
-        --report "$WORK/train_report_${2#streams_}.json"
-}
-continue_streams streams streams_cont "$CONT_ITERS" 0
-continue_streams streams_cont streams_cont2 "$CONT2_ITERS" 1
+        --adapter-path "$WORK/streams" --reinit --mode lossless \
+        --num-streams 3 --stream-layers 4 --stream-lora-rank 32 --tree-topk 3 2 1 \
+        --epochs "$EPOCHS" --batch-tokens 8192 --lr 1e-3 --embed-lr 5e-3 \
+        --exit-phase after --exit-iters 200 \
+        --checkpoint-every 20 --checkpoint-dir "$WORK/checkpoints" \
+        --report "$WORK/train_report.json"
+
+    "$PY" -m mlx_specstream.cli distill --model "$MODEL" --output "$WORK/data" \
+        --num-prompts "$ALL_PROMPTS" --max-tokens 128 --batch-size 48
+
+    # continue_streams FROM TO ITERS SEED: a continuation of the streams in FROM (pruning adapter kept)
+    continue_streams() {
+        "$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/data" \
+            --streams-path "$WORK/$1" --adapter-path "$WORK/$2" --mode lossless \
+            --iters "$3" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.1 \
+            --seed "$4" --exit-phase none --cache-gb 0 \
+            --checkpoint-every 16 --checkpoint-dir "$WORK/checkpoints_${2#streams_}" \
+            --report "$WORK/train_report_${2#streams_}.json"
+    }
+    continue_streams streams streams_cont "$CONT_ITERS" 0
+    continue_streams streams_cont streams_cont2 "$CONT2_ITERS" 1
+    START_STREAMS="$WORK/streams_cont2"
+fi
+
+# Step 5: broad data and the continuation on it.
+"$PY" benchmarks/sql_data.py --output "$WORK/sql" --train 3000 >/dev/null
+"$PY" -m mlx_specstream.cli distill --model "$MODEL" --output "$WORK/broad" \
+    --self-instruct "$SELF_INSTRUCT" --follow-ups "$FOLLOW_UPS" \
+    --sources chitchat-turns,chatterbot,passages --num-prompts "$PER_SOURCE" \
+    --prompts "$WORK/sql/train.jsonl" --sampled-fraction 0.08 --temp 0.7 --batch-size 64
+"$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/broad" \
+    --streams-path "$START_STREAMS" --adapter-path "$WORK/streams_broad" --mode lossless \
+    --iters "$BROAD_ITERS" --batch-tokens 4096 --lr 5e-4 --embed-lr 2.5e-3 --warmup 0.1 \
+    --seed 2 --exit-phase none --cache-gb 0 --eval-every 20 --max-valid 60 \
+    --checkpoint-every 10 --checkpoint-dir "$WORK/checkpoints_broad" \
+    --report "$WORK/train_report_broad.json"
+"$PY" benchmarks/plot_learning_curve.py "$WORK/train_report_broad.json"
 
 mkdir -p mlx_specstream/default_streams
-cp "$WORK/streams_cont2/config.json" "$WORK/streams_cont2/specstream.safetensors" \
-    mlx_specstream/default_streams/
+cp "$WORK/streams_broad/config.json" "$WORK/streams_broad/specstream.safetensors" \
+    "$WORK/train_report_broad.json" mlx_specstream/default_streams/
 
-# Tokens per forward pass on the held-out prompts, tree [3, 2, 1] (the issue's target).
-"$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_cont2" \
-    --trees 3,2,1 --output "$WORK/heldout.md"
+# Tokens per forward pass on the broad benchmark suite, tree [3, 2, 1] and the chain.
+"$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_broad" \
+    --trees 3,2,1 1,1,1 --output "$WORK/heldout.md"
 
 # Size the tree for this machine and ship it with the streams.
 "$PY" - <<'PYEOF'
