@@ -153,8 +153,9 @@ def stream_generate(
         calibrated pass costs, instead of one tree (greedy only; default: config).
     lookup_branches: longest context branch: when the context repeats an earlier
         n-gram, the tokens that followed it join the draft tree and are verified in
-        the same pass; 0 disables (greedy only; default: config, which sampling
-        ignores).
+        the same pass; 0 disables (default: config).  Greedy decoding with the streams
+        drafter only: not used when sampling (as ``prune_threshold``), so that a server
+        or chat started with it still serves sampled requests.
     stop: stop strings; generation ends before the first one, which is not emitted.
     temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size: mlx-lm's
         sampling options (see ``sampling.SamplingParams``).  temp 0 without a
@@ -185,9 +186,6 @@ def stream_generate(
         or lookup_branches < 0
     ):
         raise ValueError(f"lookup_branches must be an integer >= 0, got {lookup_branches!r}")
-    if lookup_branches and speculative and (drafter != "streams" or not params.plain_greedy):
-        raise ValueError("lookup_branches works with the streams drafter and greedy decoding "
-                         "only (temp 0, no repetition penalty)")
     if drafter == "lookup" and speculative:
         if not params.plain_greedy:
             raise ValueError("the lookup drafter decodes greedily only (temp 0)")

@@ -486,7 +486,8 @@ def test_stream_generate_lookup_branches(api_model) -> None:
     spec = list(stream_generate(model, tok, prompt, 24, lookup_branches=4))
     assert [r.token for r in spec] == [r.token for r in plain]
     assert spec[-1].lookup_accepted >= 0
-    with pytest.raises(ValueError, match="lookup_branches"):
-        list(stream_generate(model, tok, prompt, 4, lookup_branches=4, temp=0.7))
+    sampled = [r.token for r in stream_generate(model, tok, prompt, 8, temp=0.7, seed=1)]
+    ignored = stream_generate(model, tok, prompt, 8, temp=0.7, seed=1, lookup_branches=4)
+    assert [r.token for r in ignored] == sampled  # not used when sampling
     with pytest.raises(ValueError, match="lookup_branches"):
         list(stream_generate(model, tok, prompt, 4, lookup_branches=-1))
