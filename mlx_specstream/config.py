@@ -35,6 +35,8 @@ class SpecStreamConfig:
         ``num_streams`` residual heads on the last hidden state, read out through the
         model's final norm and LM head; no stream rows in any layer).  Both fill the
         same slots of a pass, so the tree, pruning and acceptance code is shared.
+    lookup_branches: the longest context (prompt-lookup) branch added to the greedy
+        draft tree when the context repeats an earlier n-gram; 0 disables.
     """
 
     num_streams: int = 3
@@ -49,6 +51,7 @@ class SpecStreamConfig:
     draft_method: str = "streams"
     tree_costs: list[float] | None = None
     dynamic_tree: bool = False
+    lookup_branches: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,6 +88,9 @@ class SpecStreamConfig:
             self.tree_costs = [float(c) for c in self.tree_costs]
             if any(c <= 0 for c in self.tree_costs):
                 raise ValueError(f"tree_costs must be positive, got {self.tree_costs}")
+        if isinstance(self.lookup_branches, bool) or int(self.lookup_branches) < 0:
+            raise ValueError(f"lookup_branches must be an int >= 0, got {self.lookup_branches}")
+        self.lookup_branches = int(self.lookup_branches)
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
         self.tree_topk = [int(k) for k in self.tree_topk]

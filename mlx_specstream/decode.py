@@ -19,7 +19,17 @@ import numpy as np
 
 from .config import SpecStreamConfig
 from .model import SpecStreamModel
-from .tree import Tree, accept_greedy, product_tree, prune, subtree, tree_from_paths
+from .tree import (
+    Tree,
+    accept_greedy,
+    follow_chain,
+    make_tree,
+    product_tree,
+    prune,
+    subtree,
+    tree_from_paths,
+    with_chain,
+)
 
 
 @dataclass
@@ -30,6 +40,8 @@ class DecodeStats:
     step_tokens: int = 0  # tokens produced by those passes
     accepted_per_depth: list[int] = field(default_factory=list)  # steps accepting >= d drafts
     tree_nodes: int = 0  # tree nodes run through the MSA layers, summed over steps
+    lookup_passes: int = 0  # passes whose tree carried a context (prompt-lookup) branch
+    lookup_accepted: int = 0  # accepted tokens drafted by that branch alone
 
     @property
     def tokens_per_pass(self) -> float:
@@ -43,6 +55,8 @@ class DecodeStats:
         """Count one tree pass of ``nodes`` nodes that accepted ``path`` (root first)."""
         self.forward_passes += 1
         self.tree_nodes += nodes
+        if len(path) - 1 > len(self.accepted_per_depth):  # a context branch goes deeper
+            self.accepted_per_depth += [0] * (len(path) - 1 - len(self.accepted_per_depth))
         for d in range(1, len(path)):
             self.accepted_per_depth[d - 1] += 1
 
@@ -59,6 +73,8 @@ def _topk_indices(logits: mx.array, k: int) -> mx.array:
 
 PAUSE_TOKENS = 16
 PAUSE_MAX_TOKENS = 128
+LOOKUP_MAX_NGRAM = 3  # context branch: suffixes of 3 down to 2 tokens are looked up
+LOOKUP_MIN_NGRAM = 2  # (a single token matches too often to be worth a branch)
 
 
 @dataclass
@@ -221,6 +237,7 @@ def speculative_steps(
     tree: Tree | None = None,
     prune_threshold: float | None = None,
     dynamic: bool | None = None,
+    lookup_branches: int | None = None,
 ) -> Iterator[int]:
     """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding.
 
@@ -228,9 +245,25 @@ def speculative_steps(
     from the accepted node's stream confidences (top-1 probabilities p_j): the length d
     maximising (1 + p_1 + p_1 p_2 + ...) / cost(d + 1 nodes), with the measured relative
     pass costs of ``cfg.tree_costs`` (EAGLE-2's idea restricted to chains).  Costs one
-    extra host sync per step.  Default: ``cfg.dynamic_tree``."""
+    extra host sync per step.  Default: ``cfg.dynamic_tree``.
+
+    lookup_branches: the longest context branch (0: none; default:
+    ``cfg.lookup_branches``).  When the context (prompt + output, root included) ends
+    with an n-gram (3 down to 2 tokens) seen earlier, the tokens that followed it (at
+    most this many) join the draft tree as a chain from the root, verified in the same
+    pass: the chain follows the stream tree's nodes as long as they carry its tokens
+    and continues as new nodes (any depth) below the last of them, so no two siblings
+    repeat a token.  Reading the stream candidates for that costs one extra host sync
+    on the steps that have a match.  Pruning always keeps the branch.  While the
+    adaptive pause is on, a pass with a match verifies the branch alone (main stream
+    only, streams on the pause's last pass) instead of the root alone; the pause's
+    length is counted in passes.  A one-node tree with a branch is prompt lookup
+    (``lookup.lookup_steps``)."""
     cfg = model.cfg
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
+    lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
+    if lookup < 0:
+        raise ValueError(f"lookup_branches must be >= 0, got {lookup}")
     g = cfg.num_streams
     if dynamic:
         chains = [tree_from_paths([[0] * i for i in range(1, d + 1)]) for d in range(g + 1)]
@@ -240,8 +273,15 @@ def speculative_steps(
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
     if tree.size == 1:
         # A one-node tree drafts nothing: calibration chooses it when the streams would
-        # not pay for themselves (e.g. untrained); plain decoding is then the fastest.
-        yield from autoregressive_steps(model, prompt, max_tokens, stats)
+        # not pay for themselves (e.g. untrained); plain decoding is then the fastest,
+        # or prompt lookup when a context branch is wanted.
+        if lookup:
+            from .lookup import lookup_steps
+
+            yield from lookup_steps(model, prompt, max_tokens, stats, LOOKUP_MAX_NGRAM,
+                                    lookup, LOOKUP_MIN_NGRAM)
+        else:
+            yield from autoregressive_steps(model, prompt, max_tokens, stats)
         return
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
     limit = check_context(model, prompt.shape[0], max_tokens)
@@ -253,9 +293,21 @@ def speculative_steps(
         return (t, mx.array(t.gather_index.astype(np.int32)), mx.array(t.depth.astype(np.int32)),
                 mx.array(t.mask), mx.array(np.maximum(t.parent, 0).astype(np.int32)))
 
-    tree, gather, depth, full_mask, parent = constants(tree)
+    base = constants(tree)
     kmax = tree.kmax
     per_length = [constants(t) for t in chains] if dynamic else []
+    root_only = constants(make_tree([-1], [0], [0]))
+    # Trees with a context branch, per (stream tree, attach node, branch length).
+    branched: dict[tuple[int, int, int], tuple[Tree, mx.array, mx.array, mx.array]] = {}
+
+    def with_branch(b: tuple, attach: int, length: int) -> tuple:
+        key = (id(b[0]), attach, length)
+        if key not in branched:
+            t = with_chain(b[0], attach, length)
+            branched[key] = (t, mx.array(t.depth.astype(np.int32)), mx.array(t.mask),
+                             mx.array(np.maximum(t.parent, 0).astype(np.int32)))
+        return branched[key]
+
     costs = list(cfg.tree_costs or [])
     for i in range(len(costs) - 2, -1, -1):  # measured costs are noisy: make them monotone
         costs[i] = min(costs[i], costs[i + 1])
@@ -286,66 +338,106 @@ def speculative_steps(
             conf = mx.exp(mx.max(stream_logits, axis=-1) - mx.logsumexp(stream_logits, axis=-1))
         return _topk_indices(stream_logits, kmax).reshape(-1)
 
+    from .lookup import find_draft  # (lookup.py imports this module)
+
     logits = _prefill(model, prompt, cache, with_streams=True)
     root = mx.argmax(logits[0]).reshape(1)
     cands = draft(logits[1:])
     produced = 0
     first = int(root.item())
     produced += 1
+    context = [int(t) for t in np.array(prompt).reshape(-1)] + [first] if lookup else []
     yield first
 
     pause = Pause(cfg.draft_cost_ratio)
     while produced < max_tokens:
+        chain = find_draft(context, LOOKUP_MAX_NGRAM, lookup, LOOKUP_MIN_NGRAM) if lookup else []
+        with_streams = True
         if pause.active:
-            if cache.offset + 1 > limit:
-                return
-            streams = pause.take()
-            logits = paused_pass(model, root, cache, streams)
-            root = mx.argmax(logits[:1], axis=-1)
-            if streams:
-                cands = draft(logits[1:])
-            stats.forward_passes += 1
-            stats.step_tokens += 1
-            produced += 1
-            yield int(root.item())
-            continue
-        if dynamic:
-            tree, gather, depth, full_mask, parent = per_length[chain_length(np.array(conf))]
-        if cache.offset + tree.size > limit:
+            with_streams = pause.take()
+            if not chain:
+                if cache.offset + 1 > limit:
+                    return
+                logits = paused_pass(model, root, cache, with_streams)
+                root = mx.argmax(logits[:1], axis=-1)
+                if with_streams:
+                    cands = draft(logits[1:])
+                stats.forward_passes += 1
+                stats.step_tokens += 1
+                produced += 1
+                tok = int(root.item())
+                if lookup:
+                    context.append(tok)
+                yield tok
+                continue
+            b = root_only  # the pause holds the streams back; the branch alone is verified
+        elif dynamic:
+            b = per_length[chain_length(np.array(conf))]
+        else:
+            b = base
+        if cache.offset + b[0].size > limit:
             return  # context full
+        stream_tree, gather = b[0], b[1]
+        t, depth, full_mask, parent = b[0], b[2], b[3], b[4]
+        on_branch: list[int] = []
+        new = 0
+        if chain:
+            if stream_tree.size > 1:
+                node_tok = np.concatenate([[context[-1]], np.array(cands[gather])])
+                on_branch = follow_chain(stream_tree, node_tok, chain)
+            else:
+                on_branch = [0]
+            new = min(len(chain) - len(on_branch) + 1, limit - cache.offset - stream_tree.size)
+            if new > 0:
+                t, depth, full_mask, parent = with_branch(b, on_branch[-1], new)
+                on_branch += list(range(stream_tree.size, stream_tree.size + new))
+                stats.lookup_passes += 1
+            else:
+                new = 0
         off = cache.offset
-        tokens = mx.concatenate([root, cands[gather]]) if tree.size > 1 else root
+        parts = [root]
+        if stream_tree.size > 1:
+            parts.append(cands[gather])
+        if new:
+            parts.append(mx.array(chain[len(chain) - new :], dtype=root.dtype))
+        tokens = mx.concatenate(parts) if len(parts) > 1 else root
         positions = depth + off
-        h = model.lower(tokens, positions, full_mask, cache)
-        if threshold > 0.0 and tree.size > 1:
+        mask = full_mask if t.size > 1 else None
+        h = model.lower(tokens, positions, mask, cache)
+        if threshold > 0.0 and stream_tree.size > 1:
             ex = model.exit_logits(h[0])
             lse = mx.logsumexp(ex, axis=-1)
-            p = mx.exp(ex[parent, tokens] - lse[parent])
-            keep = prune(tree, np.array(p), threshold)
+            p = np.array(mx.exp(ex[parent, tokens] - lse[parent]))
+            p[on_branch] = 1.0  # the context branch is kept whatever the early exit says
+            keep = prune(t, p, threshold)
         else:
             keep = None
-        if keep is not None and keep.shape[0] < tree.size:
+        if keep is not None and keep.shape[0] < t.size:
             keep_mx = mx.array(keep.astype(np.int32))
             h = h[:, keep_mx]
             u_tokens = tokens[keep_mx]
             u_pos = positions[keep_mx]
             u_mask = full_mask[keep_mx][:, keep_mx]
-            kept, tree_sub = keep, subtree(tree, keep)
+            kept, tree_sub = keep, subtree(t, keep)
         else:
-            u_tokens, u_pos, u_mask = tokens, positions, full_mask
-            kept, tree_sub = None, tree
+            u_tokens, u_pos, u_mask = tokens, positions, mask
+            kept, tree_sub = None, t
         n = tree_sub.size
         # The LM head runs on the main rows (verification) now, and on the streams of
         # the accepted node only once acceptance has picked it: lazily, so that it runs
         # inside the next pass (n + g rows through the head instead of n * (1 + g)).
-        x = model.upper_hidden(h, u_pos, u_mask, cache, None, True)[0]
+        x = model.upper_hidden(h, u_pos, u_mask, cache, None, with_streams)[0]
         pred = mx.argmax(model.head(x[:n]), axis=-1)
         mx.eval(pred, u_tokens, x)
         pred_np, tok_np = np.array(pred), np.array(u_tokens)
         path = accept_greedy(tree_sub, tok_np, pred_np)
         last = path[-1]
         stats.record_tree_pass(n, path)
-        pause.observe(len(path))
+        if new:
+            full_path = path if kept is None else [int(kept[i]) for i in path]
+            stats.lookup_accepted += sum(i >= stream_tree.size for i in full_path)
+        if b is not root_only:
+            pause.observe(len(path))
         # Commit: lower layers hold every node, upper layers the kept ones.
         if kept is None:
             cache.commit(path)
@@ -353,12 +445,14 @@ def speculative_steps(
             lower_rows = [int(keep[i]) for i in path]
             cache.commit([lower_rows] * model.split + [path] * (model.num_layers - model.split))
         root = pred[last].reshape(1)
-        cands = draft(model.head(x[n + last * g : n + (last + 1) * g]))  # in the next pass
+        if with_streams:
+            cands = draft(model.head(x[n + last * g : n + (last + 1) * g]))  # in the next pass
         new_tokens = [int(tok_np[i]) for i in path[1:]] + [int(pred_np[last])]
-        for t in new_tokens:
+        for tok in new_tokens:
             if produced >= max_tokens:
                 return
             produced += 1
             stats.step_tokens += 1
-            yield t
-
+            if lookup:
+                context.append(tok)
+            yield tok

@@ -45,6 +45,7 @@ class GenerationResponse:
     forward_passes: int = 0  # passes after the prefill
     tokens_per_pass: float = 0.0
     accepted_per_depth: list[int] = field(default_factory=list)
+    lookup_accepted: int = 0  # accepted tokens drafted by the context branch alone
     logprobs: mx.array | None = None
     from_draft: bool = False
 
@@ -130,6 +131,7 @@ def stream_generate(
     tree_topk: Sequence[int] | None = None,
     prune_threshold: float | None = None,
     dynamic_tree: bool | None = None,
+    lookup_branches: int | None = None,
     stop: Sequence[str] | None = None,
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -149,6 +151,11 @@ def stream_generate(
         not used when sampling (pruned trees are no longer draws from the streams).
     dynamic_tree: a chain sized per step from the streams' confidences and the
         calibrated pass costs, instead of one tree (greedy only; default: config).
+    lookup_branches: longest context branch: when the context repeats an earlier
+        n-gram, the tokens that followed it join the draft tree and are verified in
+        the same pass; 0 disables (default: config).  Greedy decoding with the streams
+        drafter only: not used when sampling (as ``prune_threshold``), so that a server
+        or chat started with it still serves sampled requests.
     stop: stop strings; generation ends before the first one, which is not emitted.
     temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size: mlx-lm's
         sampling options (see ``sampling.SamplingParams``).  temp 0 without a
@@ -174,6 +181,11 @@ def stream_generate(
     tree = product_tree(tree_topk) if speculative and tree_topk is not None else None
     if drafter not in ("streams", "lookup"):
         raise ValueError(f"drafter must be 'streams' or 'lookup', got {drafter!r}")
+    if lookup_branches is not None and (
+        isinstance(lookup_branches, bool) or not isinstance(lookup_branches, int)
+        or lookup_branches < 0
+    ):
+        raise ValueError(f"lookup_branches must be an integer >= 0, got {lookup_branches!r}")
     if drafter == "lookup" and speculative:
         if not params.plain_greedy:
             raise ValueError("the lookup drafter decodes greedily only (temp 0)")
@@ -183,7 +195,7 @@ def stream_generate(
     elif params.plain_greedy:
         if speculative:
             steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold,
-                                      dynamic_tree)
+                                      dynamic_tree, lookup_branches)
         else:
             steps = autoregressive_steps(model, ids, max_tokens, stats)
     elif speculative:
@@ -251,6 +263,7 @@ def _response(segment, token, ids, prompt_tps, n, tic, stats, finish) -> Generat
         forward_passes=stats.forward_passes,
         tokens_per_pass=stats.tokens_per_pass,
         accepted_per_depth=list(stats.accepted_per_depth),
+        lookup_accepted=stats.lookup_accepted,
     )
 
 
@@ -282,6 +295,8 @@ def format_stats(r: GenerationResponse) -> str:
     return (
         f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens-per-sec, "
-        f"{r.tokens_per_pass:.2f} tokens-per-pass ({r.forward_passes} passes)\n"
+        f"{r.tokens_per_pass:.2f} tokens-per-pass ({r.forward_passes} passes"
+        + (f", {r.lookup_accepted} tokens from the context" if r.lookup_accepted else "")
+        + ")\n"
         f"Peak memory: {r.peak_memory:.3f} GB"
     )

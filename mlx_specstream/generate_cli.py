@@ -98,6 +98,14 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="size a draft chain per step from the streams' confidences (greedy only)",
     )
+    g.add_argument(
+        "--lookup-branches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="add the continuation (at most N tokens) of an n-gram the context repeats "
+        "to the draft tree, 0 disables (greedy only; default: the model's)",
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,6 +117,10 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["prune_threshold"] = float(args.prune_threshold)
     if getattr(args, "dynamic_tree", False):
         kw["dynamic_tree"] = True
+    if getattr(args, "lookup_branches", None) is not None:
+        if args.lookup_branches < 0:
+            raise ValueError(f"--lookup-branches must be >= 0, got {args.lookup_branches}")
+        kw["lookup_branches"] = int(args.lookup_branches)
     return kw
 
 

@@ -19,11 +19,14 @@ from .model import SpecStreamModel
 from .tree import accept_greedy, product_tree
 
 
-def find_draft(context: list[int], max_ngram: int = 3, num_draft: int = 4) -> list[int]:
+def find_draft(
+    context: list[int], max_ngram: int = 3, num_draft: int = 4, min_ngram: int = 1
+) -> list[int]:
     """Tokens that followed the latest earlier match of the context's suffix (the
-    latest with a full ``num_draft`` continuation, else the longest continuation)."""
+    latest with a full ``num_draft`` continuation, else the longest continuation);
+    suffixes of ``max_ngram`` down to ``min_ngram`` tokens are tried, longest first."""
     n_ctx = len(context)
-    for n in range(min(max_ngram, n_ctx - 1), 0, -1):
+    for n in range(min(max_ngram, n_ctx - 1), max(min_ngram, 1) - 1, -1):
         suffix = context[n_ctx - n :]
         best: list[int] = []
         for start in range(n_ctx - n - 1, -1, -1):
@@ -45,6 +48,7 @@ def lookup_steps(
     stats: DecodeStats,
     max_ngram: int = 3,
     num_draft: int = 4,
+    min_ngram: int = 1,
 ) -> Iterator[int]:
     limit = check_context(model, prompt.shape[0], max_tokens)
     stats.accepted_per_depth = [0] * num_draft
@@ -56,7 +60,7 @@ def lookup_steps(
     chains = {k: product_tree([1] * k) for k in range(num_draft + 1)}
     while produced < max_tokens:
         context.append(root)
-        draft = find_draft(context, max_ngram, num_draft)
+        draft = find_draft(context, max_ngram, num_draft, min_ngram)
         draft = draft[: max(0, limit - cache.offset - 1)]
         if cache.offset + 1 + len(draft) > limit:
             return
@@ -74,6 +78,8 @@ def lookup_steps(
         stats.tree_nodes += tree.size
         for d in range(1, len(path)):
             stats.accepted_per_depth[d - 1] += 1
+        stats.lookup_passes += len(draft) > 0
+        stats.lookup_accepted += len(path) - 1
         new = [int(tok_np[i]) for i in path[1:]] + [int(pred[path[-1]])]
         context.extend(new[:-1])
         root = new[-1]

@@ -3,8 +3,8 @@
 Routes: POST /v1/chat/completions and /v1/completions (streamed as server-sent
 events when ``stream`` is true), GET /v1/models, /v1/models/{id} and /health.  The
 ``/v1`` prefix is optional.  ``usage`` carries prompt_tokens, completion_tokens and
-total_tokens plus the speculative statistics forward_passes, tokens_per_pass and
-accepted_per_depth.
+total_tokens plus the speculative statistics forward_passes, tokens_per_pass,
+accepted_per_depth and lookup_accepted.
 
 Only the standard library is used (``http.server.ThreadingHTTPServer``).  Every
 request is parsed and validated on its own connection thread; the generation itself
@@ -498,6 +498,7 @@ def _usage(r: GenerationResponse) -> dict[str, Any]:
         "forward_passes": r.forward_passes,
         "tokens_per_pass": round(r.tokens_per_pass, 4),
         "accepted_per_depth": list(r.accepted_per_depth),
+        "lookup_accepted": r.lookup_accepted,
     }
 
 

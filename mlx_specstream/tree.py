@@ -175,3 +175,36 @@ def best_paths(path_prob: dict[tuple[int, ...], float], size: int) -> list[tuple
             chosen.append(p)
             have.add(p)
     return chosen
+
+
+def follow_chain(tree: Tree, tokens: np.ndarray, chain: Sequence[int]) -> list[int]:
+    """The nodes reached by walking ``chain`` down ``tree`` from the root while a child
+    carries the chain's next token (the root first; ``tokens[i]``: node i's token).
+    ``chain[len(result) - 1:]`` is the part of the chain the tree does not hold."""
+    path = [0]
+    for t in chain:
+        nxt = next((c for c in tree.children[path[-1]] if tokens[c] == t), -1)
+        if nxt < 0:
+            break
+        path.append(nxt)
+    return path
+
+
+def with_chain(tree: Tree, attach: int, length: int) -> Tree:
+    """``tree`` with a chain of ``length`` new nodes hanging from node ``attach``.
+
+    The new nodes come after the tree's own (ids ``tree.size ..``), so parents still
+    precede children and node ids of ``tree`` are unchanged; their depths continue the
+    attach node's and may exceed the streams'.  They carry no stream candidate: their
+    rank is 0 and ``kmax`` stays the tree's, so ``tree.gather_index`` (not the result's)
+    indexes the candidates of the first ``tree.size`` nodes."""
+    if length < 1:
+        return tree
+    if not 0 <= attach < tree.size:
+        raise ValueError(f"attach node {attach} is not in a tree of {tree.size} nodes")
+    n = tree.size
+    parent = np.concatenate([tree.parent, [attach], np.arange(n, n + length - 1)])
+    depth = np.concatenate([tree.depth, tree.depth[attach] + np.arange(1, length + 1)])
+    rank = np.concatenate([tree.rank, np.zeros(length, dtype=np.int64)])
+    t = make_tree(parent, depth, rank)
+    return Tree(t.parent, t.depth, t.rank, tree.kmax, t.children, t.mask)

@@ -319,3 +319,175 @@ def test_dynamic_chains_follow_confidence() -> None:
     stats = DecodeStats()
     assert list(speculative_steps(model, PROMPT, 41, stats, dynamic=True)) == ref
     assert stats.tokens_per_pass == 1.0
+
+
+# --- context (prompt-lookup) branch in the stream tree ---------------------------------
+
+
+def test_context_branch_tree_shape() -> None:
+    """A chain hung from a node of a product tree: new ids after the tree's, depths (so
+    positions) continuing the attach node's past the streams' depth, masks = ancestors,
+    and the stream nodes' candidate indices unchanged."""
+    from mlx_specstream.tree import follow_chain, with_chain
+
+    base = product_tree([3, 2, 1])  # 16 nodes, depths 0..3
+    t = with_chain(base, 0, 5)
+    assert t.size == 21 and t.kmax == base.kmax
+    assert t.parent[16:].tolist() == [0, 16, 17, 18, 19]
+    assert t.depth[16:].tolist() == [1, 2, 3, 4, 5]
+    assert t.max_depth == 5
+    assert np.array_equal(t.mask[:16, :16], base.mask)
+    assert not t.mask[:16, 16:].any() and not t.mask[16:, 1:16].any()
+    for i in range(16, 21):
+        assert np.nonzero(t.mask[i])[0].tolist() == [0] + list(range(16, i + 1))
+    assert np.array_equal(t.gather_index[:15], base.gather_index)
+    assert t.children[0] == (1, 2, 3, 16)
+
+    leaf = 10  # depth 3, under 4 (depth 2) under 1 (depth 1)
+    assert base.depth[leaf] == 3
+    deep = with_chain(base, leaf, 2)
+    assert deep.parent[16:].tolist() == [leaf, 16]
+    assert deep.depth[16:].tolist() == [4, 5]
+    anc = [0, int(base.parent[base.parent[leaf]]), int(base.parent[leaf]), leaf]
+    assert np.nonzero(deep.mask[17])[0].tolist() == anc + [16, 17]
+    assert with_chain(base, 3, 0) is base
+    with pytest.raises(ValueError):
+        with_chain(base, 16, 1)
+
+    tokens = np.arange(100, 116)  # node i carries token 100 + i
+    assert follow_chain(base, tokens, [101, 104, 110, 7]) == [0, 1, 4, 10]
+    assert follow_chain(base, tokens, [101, 106, 7]) == [0, 1]  # node 6 hangs from 2
+    assert follow_chain(base, tokens, [7, 101]) == [0]
+
+
+def test_find_draft_minimum_ngram() -> None:
+    from mlx_specstream.lookup import find_draft
+
+    assert find_draft([4, 1, 9, 8, 1], max_ngram=3, num_draft=2) == [9, 8]
+    assert find_draft([4, 1, 9, 8, 1], max_ngram=3, num_draft=2, min_ngram=2) == []
+    assert find_draft([4, 1, 9, 8, 4, 1], max_ngram=3, num_draft=2, min_ngram=2) == [9, 8]
+
+
+# The fake's sequence 3 -> 24 -> 21 -> 0 -> 3 has period 4: after a few tokens the context
+# repeats, so the context branch drafts the true continuation.
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_context_branch_carries_wrong_streams(threshold) -> None:
+    """Streams always wrong: every drafted token that is accepted comes from the context
+    branch (kept by pruning even when the early exit drops every stream node), and the
+    cache holds exactly the prompt and the output."""
+    model = FakeModel(3, [3, 2, 1], streams_right=False, exit_probs="uniform")
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 60, stats, prune_threshold=threshold,
+                                 lookup_branches=4))
+    assert out == truth(3, 60)
+    assert stats.lookup_passes > 0
+    assert stats.lookup_accepted == stats.step_tokens - stats.forward_passes
+    assert stats.tokens_per_pass > 3.0
+    assert len(stats.accepted_per_depth) == 4  # the branch reaches below the streams
+    committed = model.cache.offset
+    for layer in range(2):
+        keys = np.array(model.cache.keys[layer][0, 0, :committed, 0]).astype(int).tolist()
+        assert keys == PROMPT.tolist() + out[: committed - PROMPT.shape[0]]
+
+
+def test_context_branch_merges_into_stream_paths() -> None:
+    """Perfect streams: the branch follows the stream path that holds its tokens and adds
+    only the node below it (depth 4, past the 3 streams); no sibling repeats a token."""
+    model = FakeModel(3, [3, 2, 1], streams_right=True, exit_probs="uniform")
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 1 + 12 * 5, stats, lookup_branches=4))
+    assert out == truth(3, 61)
+    assert stats.tree_nodes <= 17 * stats.forward_passes
+    assert stats.lookup_accepted == stats.lookup_passes > 0  # one node below the streams
+    assert stats.tokens_per_pass > 4.0
+    plain = DecodeStats()
+    assert list(speculative_steps(model, PROMPT, 61, plain)) == out
+    assert plain.tokens_per_pass == 4.0 and plain.lookup_passes == 0
+
+
+def test_context_branch_during_the_pause() -> None:
+    """A tree pass never pays (cost ratio 50): drafting pauses, and the paused passes
+    verify the context branch alone, several tokens a pass, losslessly."""
+    model = FakeModel(3, [3, 2, 1], streams_right=False, exit_probs="uniform")
+    model.cfg.draft_cost_ratio = 50.0
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 80, stats, lookup_branches=4))
+    assert out == truth(3, 80)
+    assert stats.lookup_accepted > 40
+    committed = model.cache.offset
+    keys = np.array(model.cache.keys[1][0, 0, :committed, 0]).astype(int).tolist()
+    assert keys == PROMPT.tolist() + out[: committed - PROMPT.shape[0]]
+
+
+REPEATS = mx.array([1, 5, 7, 9, 11, 2, 3, 8, 1, 5, 7, 9, 11, 2, 3, 8, 1, 5, 7])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("topk,threshold", [([3, 2, 1], 0.0), ([1, 1, 1], 0.02), ([2], 0.0)])
+def test_context_branch_equals_mlx_lm_greedy(model_type, topk, threshold) -> None:
+    model = tiny_model(model_type, lora_rank=4, random_lora=True)
+    for prompt in (PROMPT, REPEATS):
+        ref = mlx_lm_greedy(model.base, prompt, 40)
+        stats = DecodeStats()
+        out = list(speculative_steps(model, prompt, 40, stats, product_tree(topk), threshold,
+                                     lookup_branches=5))
+        assert out == ref
+
+
+@pytest.mark.parametrize("mode", ["tree", "pruned", "dynamic", "paused", "root-only"])
+def test_context_branch_is_used_and_lossless_on_a_repeating_model(mode) -> None:
+    """A weak model repeats itself, so the context branch is proposed and accepted; the
+    output stays the base model's greedy output in every mode."""
+    from mlx_specstream.model import SpecStreamModel
+    from tinymodels import tiny_base
+
+    base = tiny_base("llama", seed=3, spread=0.02)
+    cfg = SpecStreamConfig(num_streams=3, stream_layers=2, draft_cost_ratio=50.0 * (
+        mode == "paused"), prune_threshold=0.02 * (mode == "pruned"))
+    model = SpecStreamModel(base, cfg)
+    ref = mlx_lm_greedy(base, REPEATS, 41)
+    stats = DecodeStats()
+    tree = product_tree([]) if mode == "root-only" else None
+    out = list(speculative_steps(model, REPEATS, 41, stats, tree, dynamic=mode == "dynamic",
+                                 lookup_branches=4))
+    assert out == ref
+    assert stats.lookup_accepted > 0
+
+
+def test_lookup_branches_option_and_config() -> None:
+    from mlx_specstream.generate_cli import add_decoding_arguments, decoding_kwargs
+
+    assert SpecStreamConfig().lookup_branches == 0
+    assert SpecStreamConfig.from_dict({"lookup_branches": 3}).lookup_branches == 3
+    with pytest.raises(ValueError, match="lookup_branches"):
+        SpecStreamConfig(lookup_branches=-1)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser)
+    assert decoding_kwargs(parser.parse_args(["--lookup-branches", "4"]))["lookup_branches"] == 4
+    assert "lookup_branches" not in decoding_kwargs(parser.parse_args([]))
+    model = tiny_model("llama", lookup_branches=4)  # the config's default applies
+    stats = DecodeStats()
+    list(speculative_steps(model, REPEATS, 20, stats))
+    off = DecodeStats()
+    list(speculative_steps(model, REPEATS, 20, off, lookup_branches=0))
+    assert off.lookup_passes == 0
+
+
+def test_stream_generate_lookup_branches(api_model) -> None:
+    from mlx_specstream import stream_generate
+
+    model, tok = api_model
+    prompt = "the theory of the thing is that the theory of the thing is that the"
+    plain = list(stream_generate(model, tok, prompt, 24, speculative=False))
+    spec = list(stream_generate(model, tok, prompt, 24, lookup_branches=4))
+    assert [r.token for r in spec] == [r.token for r in plain]
+    assert spec[-1].lookup_accepted >= 0
+    sampled = [r.token for r in stream_generate(model, tok, prompt, 8, temp=0.7, seed=1)]
+    ignored = stream_generate(model, tok, prompt, 8, temp=0.7, seed=1, lookup_branches=4)
+    assert [r.token for r in ignored] == sampled  # not used when sampling
+    with pytest.raises(ValueError, match="lookup_branches"):
+        list(stream_generate(model, tok, prompt, 4, lookup_branches=-1))
