@@ -39,9 +39,9 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import mlx_specstream  # noqa: F401  (BLAS set-up before anything imports mlx.core)
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import mlx_specstream  # noqa: F401  (BLAS set-up before anything imports mlx.core)
 
     try:
         ver = version("mlx-specstream")
