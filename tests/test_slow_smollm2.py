@@ -102,3 +102,39 @@ def test_lossless_with_trained_streams(folder: Path) -> None:
     assert stats.tokens_per_pass > 1.0
 
 
+
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite" / "prompts.jsonl"
+
+
+def test_lossless_on_the_broad_suite(folder: Path) -> None:
+    """Greedy output equals mlx-lm's on two prompts of every category of the broad
+    benchmark suite, with the folder's own settings and with the product tree plus
+    context drafts, adaptive pause off."""
+    import json
+
+    if not SUITE.exists():
+        pytest.skip("benchmarks/suite is not in this checkout")
+    model, tokenizer = load(folder)
+    ref, _ = mlx_lm_load(str(folder))
+    rows = [json.loads(x) for x in SUITE.read_text().splitlines() if x.strip()]
+    picked: dict[str, list[str]] = {}
+    for r in rows:
+        picked.setdefault(r["category"], [])
+        if len(picked[r["category"]]) < 2:
+            picked[r["category"]].append(r["prompt"])
+    mismatches = []
+    for cat, texts in picked.items():
+        for text in texts:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                add_generation_prompt=True)
+            expected = [int(t) for t, _ in generate_step(mx.array(ids), ref,
+                                                         max_tokens=NEW_TOKENS)]
+            for tree, lookup, ratio in ((None, 0, model.cfg.draft_cost_ratio),
+                                        (product_tree([3, 2, 1]), 4, 0.0)):
+                model.cfg.draft_cost_ratio = ratio
+                got = list(speculative_steps(model, mx.array(ids), NEW_TOKENS, DecodeStats(),
+                                             tree, lookup_branches=lookup))
+                if got != expected:
+                    mismatches.append((cat, text[:40], lookup))
+    assert not mismatches, f"outputs differ from mlx-lm: {mismatches}"
