@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--option", action="append", type=option_arg, default=[],
                    metavar="KEY=VALUE", help="stream_generate option for every SS row (repeatable)")
-    p.add_argument("--row", action="append", nargs="+", default=[], metavar="NAME KEY=VALUE",
+    p.add_argument("--row", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="one more SS row: a name, then its stream_generate options (repeatable)")
     p.add_argument("--no-pause", action="store_true",
                    help="turn the adaptive pause off (every speculative pass drafts)")

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--option", action="append", type=option_arg, default=[],
                    metavar="KEY=VALUE", help="stream_generate option for every row (repeatable)")
-    p.add_argument("--row", action="append", nargs="+", default=[], metavar="NAME KEY=VALUE",
+    p.add_argument("--row", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="one more row: a name, then its stream_generate options (repeatable)")
     p.add_argument("--pause", action="store_true",
                    help="keep the folder's adaptive pause (default: every pass drafts)")
@@ -102,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         # The pause decodes plain passes when drafting does not pay on this machine; here
         # every pass drafts, so the count measures the streams alone.
         model.cfg = dataclasses.replace(model.cfg, draft_cost_ratio=0.0)
-    variants: list[tuple[str, dict]] = []
+    variants: list[tuple[str, str, dict]] = []  # (name, short label, options)
     for tree in args.trees:
         if tree == "config":
             name = f"config {model.cfg.tree_paths or model.cfg.tree_topk}"
-            variants.append((name, {}))
+            variants.append((name, tree, {}))
         else:
-            variants.append((tree, {"tree_topk": [int(k) for k in tree.split(",")]}))
-    variants += extra_rows
+            variants.append((tree, tree, {"tree_topk": [int(k) for k in tree.split(",")]}))
+    variants += [(name, name, opts) for name, opts in extra_rows]
 
     g = model.cfg.num_streams
     rows, tallies = [], []
-    for name, opts in variants:
+    for name, _, opts in variants:
         t = time.perf_counter()
         by_cat = measure(model, tokenizer, prompts, args.max_tokens, **(options | opts))
         rows.append({"tree": name, "options": options | opts, **summary(by_cat["overall"], g),
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
          + [f"{a:.3f}" for a in r["acceptance_per_depth"]] for r in rows])
     per_cat = markdown_table(
         ["category", "prompts", "tokens"]
-        + [h for r in rows for h in (f"tokens/pass {r['tree']}", f"accepted {r['tree']}")],
+        + [h for _, label, _ in variants for h in (f"tokens/pass {label}", f"accepted {label}")],
         [[c, str(x.prompts), str(x.step_tokens)]
          + [v for by_cat in tallies for v in (f"{by_cat[c].tokens_per_pass:.3f}",
                                               fmt_acceptance(by_cat[c].acceptance))]

@@ -66,7 +66,7 @@ cp "$WORK/streams_cont2/config.json" "$WORK/streams_cont2/specstream.safetensors
 
 # Tokens per forward pass on the held-out prompts, tree [3, 2, 1] (the issue's target).
 "$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_cont2" \
-    --trees 3,2,1 --output "$WORK/heldout.md"
+    --suite chitchat --trees 3,2,1 --output "$WORK/heldout.md"
 
 # Size the tree for this machine and ship it with the streams.
 "$PY" - <<'PYEOF'
