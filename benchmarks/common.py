@@ -106,7 +106,8 @@ def suite_from_args(p: argparse.ArgumentParser, args) -> list[tuple[str, str]]:
 
 
 def describe_suite(prompts: list[tuple[str, str]]) -> str:
-    """"90 prompts of the broad suite (10 categories)" or "30 held-out chitchat prompts"."""
+    """For a header: "30 held-out chitchat prompts" or "90 prompts of the broad suite
+    (10 categories: ...)"."""
     cats = list(dict.fromkeys(c for c, _ in prompts))
     if cats == ["chitchat"]:
         return f"{len(prompts)} held-out chitchat prompts"
