@@ -1,7 +1,16 @@
 """Speculative Streaming against mlx-lm's autoregressive generate, in one run.
 
-    python benchmarks/bench_decode.py [--model PATH] [--prompts 10] [--max-tokens 128]
+    python benchmarks/bench_decode.py [--model PATH] [--per-category 3] [--max-tokens 128]
     python benchmarks/bench_decode.py --peers --tag peers     # + every peer method
+    python benchmarks/bench_decode.py --suite chitchat --prompts 10   # the former prompt set
+    python benchmarks/bench_decode.py --categories coding,summarising --per-category 5 \
+        --row "SS [3,2,1] + context drafts" tree_topk=3,2,1 lookup_branches=2
+
+The prompts are the broad suite of benchmarks/suite (3 of each category by default;
+``--categories``, ``--per-category``), or the held-out chitchat prompts alone with
+``--suite chitchat``.  ``--option KEY=VALUE`` passes an option to stream_generate for
+every SS row (the default tree, ``--prune-threshold``, ``--dynamic``, ``--tree-topk``,
+``--row``); ``--row NAME KEY=VALUE ...`` adds an SS row with options of its own on top.
 
 With ``--peers``: prompt lookup (our runtime), Medusa heads trained on the same data
 (``--medusa``, a streams folder from scripts/train_baselines.sh), mlx-lm's two-model
@@ -13,13 +22,16 @@ runs at with plain OpenBLAS).
 Every method decodes the same chat prompts greedily on the same machine; prompts are
 interleaved (each prompt runs every method before the next prompt) so that drift of the
 machine hits all methods alike.  Prints a table (tokens/s, ratio to mlx-lm, tokens per
-forward pass, whether the output equals mlx-lm's) and writes JSON + PNG to
+forward pass, whether the output equals mlx-lm's), then per method a table per prompt
+category (tokens/s, ratios to mlx-lm and to our autoregressive mode in the same run,
+tokens per pass, acceptance per depth), and writes them as markdown, JSON and PNG to
 benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -32,7 +44,23 @@ from pathlib import Path
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 
 import mlx.core as mx
-from common import Run, chat_prompts, load_pair, run_mlx_lm, run_ours
+from common import (
+    Run,
+    Tally,
+    add_suite_args,
+    chat_ids,
+    describe_suite,
+    fmt_acceptance,
+    format_options,
+    load_pair,
+    markdown_table,
+    named_options,
+    option_arg,
+    run_mlx_lm,
+    run_ours,
+    suite_from_args,
+    tally_by_category,
+)
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_lm_load
 
@@ -142,11 +170,37 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+BASELINES = ("mlx-lm autoregressive", "ours autoregressive")
+
+
+def category_table(by_cat: dict[str, Tally], mlx_lm: dict[str, Tally],
+                   ours_ar: dict[str, Tally]) -> str:
+    """One method per prompt category (and overall), with the ratios of its tokens/s to
+    the two autoregressive baselines' on the same prompts."""
+
+    def ratio(x: Tally, base: Tally) -> str:
+        return f"{x.tps / base.tps:.2f}x" if base.tps else "n/a"
+
+    return markdown_table(
+        ["category", "prompts", "tokens", "tokens/s", "vs mlx-lm", "vs ours AR",
+         "tokens/pass", "accepted per depth"],
+        [[c, str(x.prompts), str(x.tokens), f"{x.tps:.2f}", ratio(x, mlx_lm[c]),
+          ratio(x, ours_ar[c]), f"{x.tokens_per_pass:.2f}" if x.passes else "n/a",
+          fmt_acceptance(x.acceptance)] for c, x in by_cat.items()])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
-    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--streams-path", default=None, help="streams to use instead of the folder's")
+    add_suite_args(p, per_category=3, chitchat_prompts=10)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--option", action="append", type=option_arg, default=[],
+                   metavar="KEY=VALUE", help="stream_generate option for every SS row (repeatable)")
+    p.add_argument("--row", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="one more SS row: a name, then its stream_generate options (repeatable)")
+    p.add_argument("--no-pause", action="store_true",
+                   help="turn the adaptive pause off (every speculative pass drafts)")
     p.add_argument("--tree-topk", action="append", default=None,
                    help="extra product trees to time, e.g. 3,2,1 (repeatable)")
     p.add_argument("--prune-threshold", type=float, default=None)
@@ -171,8 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([[r.tokens, r.seconds] for r in (go(x, args.max_tokens) for x in ids)]))
         return 0
 
-    model, tokenizer, folder, ref_model = load_pair(args.model)
-    prompts = chat_prompts(tokenizer, args.prompts)
+    try:
+        extra_rows = [named_options(words) for words in args.row]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    suite = suite_from_args(p, args)
+    options = dict(args.option)
+
+    model, tokenizer, folder, ref_model = load_pair(args.model, args.streams_path)
+    if args.no_pause:
+        model.cfg = dataclasses.replace(model.cfg, draft_cost_ratio=0.0)
+    prompts = [chat_ids(tokenizer, text) for _, text in suite]
+
+    def ss(**kw) -> Callable[[list[int], int], Run]:
+        """An SS row: our speculative decoding with --option and its own options."""
+        return run_ours(model, tokenizer, **(options | kw))
 
     from mlx_specstream.decode import default_tree
 
@@ -182,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     methods: dict[str, Callable[[list[int], int], Run]] = {
         "mlx-lm autoregressive": run_mlx_lm(ref_model, tokenizer),
         "ours autoregressive": run_ours(model, tokenizer, speculative=False),
-        default_name: run_ours(model, tokenizer),
+        default_name: ss(),
     }
     if args.prune_threshold:
-        methods[f"{default_name} prune {args.prune_threshold}"] = run_ours(
-            model, tokenizer, prune_threshold=args.prune_threshold)
+        methods[f"{default_name} prune {args.prune_threshold}"] = ss(
+            prune_threshold=args.prune_threshold)
     extra = {name: 0 for name in methods}
     extra[default_name] = _count(model.stream_parameters())
     if args.peers:
@@ -209,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         methods[name] = run_mlx_lm_draft(ref_model, draft, tokenizer, 3)
         extra[name] = sum(v.size for _, v in tree_flatten(draft.parameters()))
     if args.dynamic:
-        methods["SS dynamic chain"] = run_ours(model, tokenizer, dynamic_tree=True)
+        methods["SS dynamic chain"] = ss(dynamic_tree=True)
         extra["SS dynamic chain"] = extra[default_name]
     for spec in args.tree_topk or []:
         topk = [int(x) for x in spec.split(",")]
-        methods[f"SS product tree {topk}"] = run_ours(model, tokenizer, tree_topk=topk)
+        methods[f"SS product tree {topk}"] = ss(tree_topk=topk)
         extra[f"SS product tree {topk}"] = extra[default_name]
+    for name, opts in extra_rows:
+        if name in methods:
+            p.error(f"--row {name!r}: a row of that name exists already")
+        methods[name] = ss(**opts)
+        extra[name] = extra[default_name]
 
     rows = {name: Row(name, extra_parameters=extra.get(name, 0)) for name in methods}
     base_gb = sum(v.nbytes for _, v in tree_flatten(ref_model.parameters())) / 1e9
@@ -223,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     for go in methods.values():
         go(prompts[0][:32], 8)
     refs: list[list[int]] = []
-    for i, ids in enumerate(prompts):
+    runs: dict[str, list[tuple[str, Run]]] = {name: [] for name in methods}
+    for i, ((cat, _), ids) in enumerate(zip(suite, prompts, strict=True)):
         ref = None
         for name, go in methods.items():
             mx.reset_peak_memory()
@@ -243,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             row.passes += r.passes
             row.step_tokens += r.step_tokens
             row.identical += int(r.tokens == ref)
+            runs[name].append((cat, r))
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
 
     if args.peers:
@@ -266,16 +340,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"{args.prompts} held-out chitchat prompts x {args.max_tokens} tokens, greedy, "
-              f"{folder}, {machine}, {mx.default_device()}, {stamp}")
-    print(header)
-    print("\n".join(lines))
+    header = (f"{describe_suite(suite)} x {args.max_tokens} tokens, greedy, "
+              f"{folder}, {machine}, {mx.default_device()}, {stamp}"
+              + (f"; streams: {args.streams_path}" if args.streams_path else "")
+              + ("; adaptive pause off" if args.no_pause else "")
+              + (f"; options of the SS rows: {format_options(options)}" if options else ""))
+    by_cat = {name: tally_by_category(rs) for name, rs in runs.items()}
+    sections = [f"### {name}, per category\n\n"
+                + category_table(by_cat[name], *(by_cat[b] for b in BASELINES))
+                for name in methods if name not in BASELINES]
+    text = header + "\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n"
+    print(text, end="")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(
-        {"header": header, "rows": [asdict(r) | {"tps": r.tps, "tokens_per_pass":
-                                                 r.tokens_per_pass} for r in rows.values()]},
+        {"header": header, "options": options,
+         "rows": [asdict(r) | {"tps": r.tps, "tokens_per_pass": r.tokens_per_pass}
+                  for r in rows.values()],
+         "per_category": {name: {c: asdict(t) | {"tps": t.tps,
+                                                 "tokens_per_pass": t.tokens_per_pass,
+                                                 "acceptance_per_depth": t.acceptance}
+                                 for c, t in cats.items()}
+                          for name, cats in by_cat.items()}},
         indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    (RESULTS / f"{args.tag}.md").write_text(text)
     plot(list(rows.values()), RESULTS / f"{args.tag}.png", header)
     print(f"wrote {RESULTS / args.tag}.{{json,md,png}}")
     return 0

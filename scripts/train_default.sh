@@ -94,9 +94,11 @@ mkdir -p mlx_specstream/default_streams
 cp "$WORK/streams_broad/config.json" "$WORK/streams_broad/specstream.safetensors" \
     "$WORK/train_report_broad.json" mlx_specstream/default_streams/
 
-# Tokens per forward pass on the broad benchmark suite, tree [3, 2, 1] and the chain.
+# Tokens per forward pass on the broad benchmark suite (benchmarks/suite), adaptive pause
+# off: the product tree [3, 2, 1] and the chain, each with and without context drafts.
 "$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_broad" \
-    --trees 3,2,1 1,1,1 --output "$WORK/heldout.md"
+    --trees 3,2,1 1,1,1 --row "3,2,1 + context" tree_topk=3,2,1 lookup_branches=4 \
+    --output "$WORK/heldout.md"
 
 # Size the tree for this machine and ship it with the streams.
 "$PY" - <<'PYEOF'
