@@ -1,12 +1,12 @@
 """mlx-specstream: Speculative Streaming inference on MLX.
 
-Importing this package first installs an optimized BLAS on Linux (see ``_blas``),
+Importing this package first installs an optimized BLAS on Linux (see ``backend``),
 which must happen before ``mlx.core`` is loaded.
 """
 
-from . import _blas
+from . import backend
 
-_blas.setup()
+backend.setup()
 
 from .generate import GenerationResponse, generate, load, stream_generate  # noqa: E402
 

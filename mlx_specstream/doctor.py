@@ -1,4 +1,5 @@
-"""Show the active BLAS, the MLX backend and measured fp32 matmul speed (MLX vs numpy)."""
+"""Show the CPU backend's state (BLAS, GEMM shim, compiler, cache, weight alignment), the MLX
+backend and measured fp32 matmul speed (MLX vs numpy)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import subprocess
 import sys
 import time
 
-from . import _blas
+from . import backend
+from .backend import blas, shim
 
 
 def matmul_gflops(n: int = 2048, repeat: int = 5) -> dict[str, float]:
@@ -72,8 +74,7 @@ def report(n: int = 2048, stock: bool = True) -> dict[str, object]:
     import mlx.core as mx
 
     info: dict[str, object] = {
-        "blas": _blas.ACTIVE,
-        "gemm_shim": str(_blas.SHIM) if _blas.SHIM else None,
+        **backend.report(),
         "mlx_version": mx.__version__,
         "default_device": str(mx.default_device()),
         "metal_available": bool(getattr(mx, "metal", None) and mx.metal.is_available()),
@@ -85,7 +86,7 @@ def report(n: int = 2048, stock: bool = True) -> dict[str, object]:
     info["numpy_gflops"] = round(g["numpy"], 1)
     info["ratio_to_numpy"] = round(g["mlx"] / g["numpy"], 3)
     info["decode_matvec_gbps"] = round(matvec_gbps(), 1)
-    if stock and _blas.ACTIVE not in ("none", "not-linux"):
+    if stock and blas.STATUS.state not in (blas.BlasState.DISABLED, blas.BlasState.NOT_LINUX):
         s = _stock_gflops(n)
         info["stock_mlx_gflops"] = round(s, 1) if s is not None else None
     return info
@@ -98,21 +99,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _indent(text: str) -> str:
+    return text.replace("\n", "\n" + " " * 20)
+
+
+def backend_lines(info: dict[str, object]) -> list[str]:
+    """The backend's states (``backend.report()``), a line each."""
+    b, s, a = info["blas"], info["shim"], info["weight_alignment"]
+    blas_line = b["state"] + (f" {b['path']}" if b["path"] else "")
+    lines = [f"BLAS              : {blas_line} ({b['reason']})"]
+    state = s["state"]
+    if state == shim.ShimState.ACTIVE.value:
+        kernel = f"skinny kernel up to {s['max_m']} rows" if s["max_m"] else "skinny kernel off"
+        where = "cached build" if s["cached"] else "built now"
+        lines.append(f"GEMM shim         : active {s['path']} ({where}; {kernel})")
+    elif state == shim.ShimState.DISABLED.value:
+        lines.append(f"GEMM shim         : disabled by {s['reason']}")
+    else:
+        lines.append(f"GEMM shim         : {state}: {_indent(str(s['reason']))}")
+    compiler = s["compiler"] or ("unknown (cached build)" if s["cached"] else "-")
+    flags = " ".join([*shim.CFLAGS, *s["flags"]]) if s["flags"] is not None else "-"
+    lines.append(f"  compiler        : {compiler}")
+    lines.append(f"  flags           : {flags}")
+    for f, err in s["failed_flags"]:
+        lines.append(f"  failed flag set : {' '.join(f) or '(none)'}: {err}")
+    lines.append(f"  cache           : {s['cache_dir']}")
+    lines.append(f"weight alignment  : {'on' if a['enabled'] else 'off'} ({a['reason']})")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     info = report(args.size, stock=not args.no_stock)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"BLAS loaded by mlx_specstream : {info['blas']}")
+    print("\n".join(backend_lines(info)))
     print(f"MLX {info['mlx_version']}, default device {info['default_device']}, "
           f"Metal {info['metal_available']}, CUDA {info['cuda_available']}")
     print(f"fp32 {args.size}x{args.size} matmul: MLX {info['mlx_gflops']} GFLOP/s, "
           f"numpy {info['numpy_gflops']} GFLOP/s ({100 * info['ratio_to_numpy']:.0f}% of numpy)")
     print(f"decode-shaped matmul (1 x 576 x 49152): {info['decode_matvec_gbps']} GB/s of "
-          f"weights; GEMM shim: {info['gemm_shim'] or 'off'}")
+          "weights")
     if "stock_mlx_gflops" in info:
         print(f"MLX with its bundled BLAS  : {info['stock_mlx_gflops']} GFLOP/s")
-    if info["blas"] in ("unavailable", "too-late"):
+    if not blas.STATUS.loaded and blas.STATUS.state is not blas.BlasState.NOT_LINUX:
         print("warning: no optimized BLAS is active; see the README (apt-get install "
               "libopenblas0-pthread)")
     return 0

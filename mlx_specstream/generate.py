@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
-from . import _blas
+from .backend import align_weights
 from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
 from .decode import DecodeStats, autoregressive_steps, speculative_steps
 from .model import SpecStreamModel
@@ -94,7 +94,7 @@ def load(
     mx.eval(model.streams.parameters())
     model.eval()
     if not lazy and mx.default_device() == mx.cpu:
-        _blas.align_weights(model)  # the CPU GEMM shim reads aligned weights faster
+        align_weights(model)  # the CPU GEMM shim reads aligned weights faster
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
 

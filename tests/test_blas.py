@@ -3,13 +3,13 @@ row's result does not depend on how many rows share the call (up to the skinny l
 
 from __future__ import annotations
 
-from mlx_specstream import _blas
+from mlx_specstream.backend import align, shim
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-needs_shim = pytest.mark.skipif(_blas.SHIM is None, reason="no GEMM shim on this machine")
+needs_shim = pytest.mark.skipif(not shim.STATUS.active, reason="no GEMM shim on this machine")
 
 
 @needs_shim
@@ -39,9 +39,9 @@ def test_accumulating_matmul_matches_numpy() -> None:
 
 def _skinny_limit() -> int:
     """Rows the skinny kernels take; skips the test when they are off."""
-    if _blas.SHIM_MAX_M < 2:
+    if shim.STATUS.max_m < 2:
         pytest.skip("skinny kernel off")
-    return _blas.SHIM_MAX_M
+    return shim.STATUS.max_m
 
 
 @needs_shim
@@ -110,7 +110,7 @@ def test_a_multi_token_pass_equals_one_token_passes() -> None:
     autoregressive decoding would."""
     from tinymodels import tiny_model
 
-    k = min(_blas.SHIM_MAX_M, 4)
+    k = min(shim.STATUS.max_m, 4)
     if k < 2:
         pytest.skip("skinny kernel off")
     _pass_equals_one_token_passes(tiny_model("llama", seed=5), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3],
@@ -123,7 +123,7 @@ def test_a_draft_chain_pass_with_streams_verifies_exactly() -> None:
     rows' logits are bit-identical to one-token passes without streams."""
     from tinymodels import tiny_model
 
-    if _blas.SHIM_MAX_M < 16:
+    if shim.STATUS.max_m < 16:
         pytest.skip("skinny limit below 16 rows")
     model = tiny_model("llama", seed=6, lora_rank=4, random_lora=True)
     _pass_equals_one_token_passes(model, [2, 7, 1, 8, 2, 8, 1, 8], [3, 14, 15, 9], streams=True)
@@ -157,10 +157,10 @@ def test_aligned_weights_keep_the_logits_and_survive_a_save(tmp_path) -> None:
     model = tiny_model("llama", seed=8, lora_rank=4, random_lora=True)
     tokens = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     before = [np.array(a) for a in model(tokens, with_exit=True)]
-    moved = _blas.align_weights(model, min_size=256)
+    moved = align.align_weights(model, min_size=256)
     params = dict(tree_flatten(model.parameters()))
     big = [w for w in params.values() if w.ndim == 2 and w.size >= 256]
-    assert moved > 0 and all(_blas._address(w) % 64 == 0 for w in big)
+    assert moved > 0 and all(align._address(w) % 64 == 0 for w in big)
     after = [np.array(a) for a in model(tokens, with_exit=True)]
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     mx.save_safetensors(str(tmp_path / "w.safetensors"), params)

@@ -47,9 +47,9 @@ def test_decode_steps_are_bit_identical_to_mlx_lm(model_type: str) -> None:
     """With the GEMM shim (batch-invariant rows), our decode steps, streams attached or
     not, give exactly mlx-lm's logits: greedy speculative output is mlx-lm's by
     construction, not just within a tolerance."""
-    from mlx_specstream import _blas
+    from mlx_specstream.backend import shim
 
-    if _blas.SHIM is None or _blas.SHIM_MAX_M < 4:
+    if not shim.STATUS.active or shim.STATUS.max_m < 4:
         pytest.skip("no batch-invariant GEMM shim on this machine")
     model = tiny_model(model_type, lora_rank=4, random_lora=True)
     base = model.base
