@@ -80,7 +80,7 @@ fi
 "$PY" benchmarks/sql_data.py --output "$WORK/sql" --train 3000 >/dev/null
 "$PY" -m mlx_specstream.cli distill --model "$MODEL" --output "$WORK/broad" \
     --self-instruct "$SELF_INSTRUCT" --follow-ups "$FOLLOW_UPS" \
-    --sources chitchat-turns,chatterbot,passages --num-prompts "$PER_SOURCE" \
+    --sources chitchat,chitchat-turns,chatterbot,passages --num-prompts "$PER_SOURCE" \
     --prompts "$WORK/sql/train.jsonl" --sampled-fraction 0.08 --temp 0.7 --batch-size 64
 "$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/broad" \
     --streams-path "$START_STREAMS" --adapter-path "$WORK/streams_broad" --mode lossless \
