@@ -187,7 +187,7 @@ def machine_id() -> str:
 
 def calibrate_folder(
     folder: str | Path,
-    prompts: list[str] | None = None,
+    prompts: list[str] | list[list[dict[str, str]]] | None = None,
     num_prompts: int = 16,
     max_tokens: int = 96,
     write: bool = True,
@@ -195,9 +195,10 @@ def calibrate_folder(
     streams_path: str | Path | None = None,
 ) -> dict[str, object]:
     """Measure, choose and (when ``write``) store the tree of a model folder (or of the
-    streams folder ``streams_path`` used with it).  ``prompts``: user turns of the
-    domain the streams were trained for (default: the last held-out chitchat turns,
-    never trained on and disjoint from the first ones the benchmarks use)."""
+    streams folder ``streams_path`` used with it).  ``prompts``: user turns (or
+    conversations ending in one) of the domain the streams were trained for, never the
+    evaluation set (default: the last held-out chitchat turns, never trained on and
+    disjoint from the first ones the benchmarks use)."""
     from .generate import load
     from .training.data import chitchat_prompts
 
@@ -211,8 +212,8 @@ def calibrate_folder(
             raise ValueError(f"num_prompts must be 1..{len(heldout)} (held-out chitchat turns), "
                              f"got {num_prompts}; pass your own prompts for more")
         prompts = heldout[-num_prompts:]
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                         add_generation_prompt=True) for p in prompts]
+    convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
     cost = measure_cost(model, progress=progress)
     accept = acceptance_stats(model, ids, max_tokens, progress=progress)
     choice = choose_tree(cost, accept)
@@ -250,6 +251,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams-path", default=None,
                    help="a streams folder used with the model (its config gets the tree)")
     p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--prompts", default=None,
+                   help="a .txt (one prompt a line) or .jsonl file of prompts from the domain "
+                        "the streams serve (e.g. distill's valid.jsonl; never the evaluation "
+                        "set); the first --num-prompts are used (default: held-out chitchat)")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
 
@@ -260,8 +265,16 @@ def run(args: argparse.Namespace) -> int:
         from .default_model import default_model_path
 
         folder = default_model_path()
-    r = calibrate_folder(folder, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-                         write=not args.dry_run, streams_path=args.streams_path)
+    prompts = None
+    if args.prompts:
+        from .training.distill import read_prompts
+
+        prompts = read_prompts(args.prompts)[: args.num_prompts]
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no prompts")
+    r = calibrate_folder(folder, prompts=prompts, num_prompts=args.num_prompts,
+                         max_tokens=args.max_tokens, write=not args.dry_run,
+                         streams_path=args.streams_path)
     ar = r["cost"]["autoregressive"]
     print(f"machine: {r['machine']}; 1-token pass {ar * 1e3:.1f} ms; "
           f"{r['acceptance']['hosts']} scored positions")

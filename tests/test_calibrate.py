@@ -72,3 +72,20 @@ def test_more_default_prompts_than_held_out_turns_is_a_clear_error(api_model_dir
 
     with pytest.raises(ValueError, match="num_prompts must be 1..100"):
         calibrate_folder(api_model_dir, num_prompts=500, write=False, progress=False)
+
+
+def test_calibrate_cli_takes_domain_prompts(api_model_dir, tmp_path, capsys) -> None:
+    import json
+
+    from mlx_specstream.cli import main
+
+    f = tmp_path / "valid.jsonl"
+    conv = [{"role": "user", "content": "Summarize: the cat sat on the mat."},
+            {"role": "assistant", "content": "A cat sat."}]
+    f.write_text(json.dumps({"messages": conv}) + "\n")
+    assert main(["calibrate", "--model", str(api_model_dir), "--prompts", str(f),
+                 "--max-tokens", "4", "--dry-run"]) == 0
+    assert "chosen:" in capsys.readouterr().out
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main(["calibrate", "--model", str(api_model_dir), "--prompts",
+                 str(tmp_path / "empty.txt"), "--dry-run"]) == 1
