@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"{describe_suite(suite)} x {args.max_tokens} tokens, greedy, "
-              f"{folder}, {machine}, {mx.default_device()}, {stamp}"
+              f"{Path(folder).name}, {machine}, {mx.default_device()}, {stamp}"
               + (f"; streams: {args.streams_path}" if args.streams_path else "")
               + ("; adaptive pause off" if args.no_pause else "")
               + (f"; options of the SS rows: {format_options(options)}" if options else ""))

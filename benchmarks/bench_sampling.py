@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"{len(prompts)} held-out chitchat prompts x {args.max_tokens} tokens, sampling "
-        f"(seed = prompt index), {folder}, {machine}, {mx.default_device()}, {stamp}"
+        f"(seed = prompt index), {Path(folder).name}, {machine}, {mx.default_device()}, {stamp}"
     )
     print(header)
     print("\n".join(lines))
