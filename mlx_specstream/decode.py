@@ -174,6 +174,16 @@ def _prefill(
     return model.head(x[L - 1 :])
 
 
+PREFILL_STEP = 2048  # mlx-lm's generate_step default prefill_step_size
+
+
+def greedy_choice(logits: mx.array, _prev: mx.array | None = None) -> mx.array:
+    """mlx-lm's greedy sampler on one row of logits: the argmax of the log-probabilities
+    ``logits - logsumexp(logits)`` (in half precision that subtraction rounds, so ties
+    are broken as mlx-lm breaks them)."""
+    return mx.argmax(logits - mx.logsumexp(logits, keepdims=True), axis=-1)
+
+
 def autoregressive_steps(
     model: SpecStreamModel,
     prompt: mx.array,
@@ -181,32 +191,42 @@ def autoregressive_steps(
     stats: DecodeStats,
     choose: Callable[[mx.array, mx.array | None], mx.array] | None = None,
 ) -> Iterator[int]:
-    """Plain decoding in the same runtime (no streams), pipelined like mlx-lm: the next
-    pass is queued before the current token is read back.
+    """Plain decoding in the same runtime (no streams), mlx-lm's ``generate_step`` op for
+    op: ``prompt[:-1]`` is prefilled in chunks of ``PREFILL_STEP`` tokens (each
+    evaluated), the last prompt token is the first decoding step, every step reads out
+    the main head alone, and the next pass is queued before the current token is read
+    back.
 
-    choose(logits, previous token or None) picks the next token on the device; greedy
-    (argmax) by default.  sampled.py passes its sampler."""
+    choose(logits (V,), previous token or None) picks the next token on the device;
+    ``greedy_choice`` by default.  sampled.py passes its sampler."""
     limit = check_context(model, prompt.shape[0], max_tokens)
-    if choose is None:
-        def choose(logits: mx.array, _prev: mx.array | None) -> mx.array:
-            return mx.argmax(logits)
+    choose = greedy_choice if choose is None else choose
     cache = model.make_cache()
-    y = choose(_prefill(model, prompt, cache, with_streams=False)[0], None)
+    n = prompt.shape[0]
+    done = 0
+    while n - done > 1:
+        k = min(PREFILL_STEP, n - 1 - done)
+        positions = mx.arange(cache.offset, cache.offset + k)
+        h = model.lower(prompt[done : done + k], positions, None, cache)
+        model.upper_hidden(h, positions, None, cache, None, False)
+        mx.eval(cache.state_arrays())
+        cache.commit()
+        done += k
+
+    def step(token: mx.array, prev: mx.array | None) -> mx.array:
+        pos = mx.array([cache.offset])
+        logits, _ = model.upper(model.lower(token.reshape(1, 1), pos, None, cache), pos,
+                                None, cache, None, False)
+        cache.commit()
+        return choose(logits[0, -1], prev)
+
+    y = step(prompt[n - 1 :], None)
     mx.async_eval(y)
     produced = 0
     while produced < max_tokens:
         nxt = None
         if produced + 1 < max_tokens and cache.offset + 1 < limit:
-            logits, _ = model.upper(
-                model.lower(y.reshape(1, 1), mx.array([cache.offset]), None, cache),
-                mx.array([cache.offset]),
-                None,
-                cache,
-                None,
-                False,
-            )
-            cache.commit()
-            nxt = choose(logits[0, -1], y)
+            nxt = step(y, y)
             mx.async_eval(nxt)
         tok = int(y.item())
         produced += 1
@@ -334,8 +354,9 @@ def speculative_steps(
         """(g, V) stream logits of the host node -> flattened top-kmax candidates (and,
         for dynamic chains, the streams' top-1 probabilities)."""
         nonlocal conf
-        if dynamic:
-            conf = mx.exp(mx.max(stream_logits, axis=-1) - mx.logsumexp(stream_logits, axis=-1))
+        if dynamic:  # float32 on the device: the host reads it (numpy has no bfloat16)
+            sl = stream_logits.astype(mx.float32)
+            conf = mx.exp(mx.max(sl, axis=-1) - mx.logsumexp(sl, axis=-1))
         return _topk_indices(stream_logits, kmax).reshape(-1)
 
     from .lookup import find_draft  # (lookup.py imports this module)
@@ -405,7 +426,7 @@ def speculative_steps(
         mask = full_mask if t.size > 1 else None
         h = model.lower(tokens, positions, mask, cache)
         if threshold > 0.0 and stream_tree.size > 1:
-            ex = model.exit_logits(h[0])
+            ex = model.exit_logits(h[0]).astype(mx.float32)  # read on the host
             lse = mx.logsumexp(ex, axis=-1)
             p = np.array(mx.exp(ex[parent, tokens] - lse[parent]))
             p[on_branch] = 1.0  # the context branch is kept whatever the early exit says

@@ -45,7 +45,23 @@ class LoRA(nn.Module):
         self.scale = scale
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.scale * ((x @ self.a.T) @ self.b.T)
+        # In x's dtype whatever the parameters' (fp32 master copies while training).
+        return self.scale * ((x @ self.a.astype(x.dtype).T) @ self.b.astype(x.dtype).T)
+
+
+HALF_DTYPES = (mx.float16, mx.bfloat16)
+
+
+def model_dtype(base: nn.Module) -> mx.Dtype:
+    """The floating-point dtype the base model computes in: that of its token
+    embedding (of its scales when quantized, whose dequantized rows have that dtype),
+    else that of its final norm."""
+    embed = getattr(base.model, "embed_tokens", None)
+    for name in ("scales", "weight"):
+        w = getattr(embed, name, None)
+        if isinstance(w, mx.array) and mx.issubdtype(w.dtype, mx.floating):
+            return w.dtype
+    return base.model.norm.weight.dtype
 
 
 def _linear_dims(layer: nn.Module) -> tuple[int, int]:
@@ -69,6 +85,10 @@ class StreamParams(nn.Module):
     exit_adapter: the rank-r pruning adapter on the main hidden state entering the MSA
         layers, read out through the model's own final norm and LM head
     stream_lora: optional per-MSA-layer LoRA adapters applied to stream rows only
+
+    Created in the base model's dtype (``model_dtype``).  Every use casts a parameter
+    to the dtype of the activations it meets, so rows never change dtype (training
+    keeps fp32 master copies of half-precision parameters here).
     """
 
     def __init__(self, base: nn.Module, cfg: SpecStreamConfig) -> None:
@@ -92,6 +112,7 @@ class StreamParams(nn.Module):
                     i, o = _linear_dims(getattr(layer.mlp, name))
                     d[name] = LoRA(i, o, cfg.stream_lora_rank, cfg.stream_lora_scale)
                 self.stream_lora.append(d)
+        self.set_dtype(model_dtype(base))
 
 
 def init_stream_params(
@@ -113,7 +134,7 @@ def init_stream_params(
             out[name] = mx.random.uniform(-bound, bound, shape, key=sub)
         else:  # LoRA up-projections start at zero: the adapters start as the identity
             out[name] = mx.zeros(shape)
-    dtype = base.model.norm.weight.dtype
+    dtype = model_dtype(base)
     return {k: v.astype(dtype) for k, v in out.items()}
 
 
@@ -146,9 +167,10 @@ def _with_lora(linear: nn.Module, x: mx.array, lora: LoRA | None, n_main: int,
         return y
     if stream_x is None:
         stream_x = _stream_rows_only(x, n_main)
+    a, b = lora.a.astype(x.dtype), lora.b.astype(x.dtype)
     if COMPILE:
-        return _lora_add_c(y, stream_x, lora.a, lora.b, lora.scale)
-    return y + lora.scale * ((stream_x @ lora.a.T) @ lora.b.T)
+        return _lora_add_c(y, stream_x, a, b, lora.scale)
+    return y + lora.scale * ((stream_x @ a.T) @ b.T)
 
 
 def _stream_rows_only(x: mx.array, n_main: int) -> mx.array:
@@ -265,6 +287,10 @@ class SpecStreamModel(nn.Module):
             return self.base.model.embed_tokens.as_linear(h)
         return self.base.lm_head(h)
 
+    def stream_embeddings(self, dtype: mx.Dtype) -> mx.array:
+        """P, (num_streams, hidden), in ``dtype`` (that of the rows it is added to)."""
+        return self.streams.stream_embeddings.astype(dtype)
+
     def exit_logits(self, h: mx.array) -> mx.array:
         """Early-exit logits of the pruning adapter from hidden states entering the MSA layers."""
         return self.head(h + self.streams.exit_adapter(h))
@@ -277,8 +303,8 @@ class SpecStreamModel(nn.Module):
         ``top + silu(W_k top + b_k)`` (read out by ``head`` like a stream row)."""
         B, S, D = top.shape
         g = self.cfg.num_streams
-        w = self.streams.medusa_weight.reshape(g * D, D)
-        y = (top @ w.T).reshape(B, S, g, D) + self.streams.medusa_bias
+        w = self.streams.medusa_weight.astype(top.dtype).reshape(g * D, D)
+        y = (top @ w.T).reshape(B, S, g, D) + self.streams.medusa_bias.astype(top.dtype)
         return top[:, :, None, :] + nn.silu(y)
 
     def _layer(
@@ -388,7 +414,7 @@ class SpecStreamModel(nn.Module):
             g = self.cfg.num_streams
             rows = mx.arange(L) if stream_rows is None else stream_rows.astype(mx.int32)
             S = rows.shape[0]
-            streams = h[:, rows][:, :, None, :] + self.streams.stream_embeddings
+            streams = h[:, rows][:, :, None, :] + self.stream_embeddings(h.dtype)
             x = mx.concatenate([h, streams.reshape(B, S * g, D)], axis=1)
             pos = mx.concatenate([positions, mx.repeat(positions[:, rows], g, axis=1)], axis=1)
             new_mask = causal_mask(L) if mask is None else mask
@@ -462,7 +488,7 @@ class SpecStreamModel(nn.Module):
                     f"stream parameter '{name}' has shape {tuple(w.shape)}, "
                     f"expected {tuple(own[name].shape)}"
                 )
-        dtype = self.base.model.norm.weight.dtype
+        dtype = model_dtype(self.base)
         self.streams.update(
             tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items() if k in own])
         )

@@ -10,6 +10,12 @@ so training and inference compute streams the same way.
 
 Task mode wraps the base model's linear layers with mlx-lm's LoRA
 (``linear_to_lora_layers``) and trains LoRA + streams jointly through the full model.
+
+Half-precision models (float16, bfloat16) train float32 master copies of the trainable
+parameters (the forward casts them to the model's dtype where they are used, so the
+activations stay in that dtype) and take every cross-entropy in float32: Adam's state
+then lives in float32 too (its eps is 0 in float16, and bfloat16 drops small updates).
+``train`` returns the stream parameters to the model's dtype when it ends.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
-from ..model import SpecStreamModel, build_msa_mask, causal_mask
+from ..model import HALF_DTYPES, SpecStreamModel, build_msa_mask, causal_mask, model_dtype
 from .data import Batch, atomic_write_text, iterate_micro_batches
 from .loss import Terms, stream_names
 
@@ -152,7 +158,7 @@ def stream_hidden(
     g = model.cfg.num_streams
     rows = mx.arange(T) if rows is None else rows
     S = rows.shape[0]
-    x = (h[:, rows][:, :, None, :] + model.streams.stream_embeddings).reshape(B, S * g, D)
+    x = (h[:, rows][:, :, None, :] + model.stream_embeddings(h.dtype)).reshape(B, S * g, D)
     positions = mx.broadcast_to(mx.repeat(rows, g)[None], (B, S * g))
     mask = build_msa_mask(causal_mask(T), 0, rows, g)[T:]
     replay = _KVReplay(feats.kv)
@@ -228,7 +234,7 @@ def sparse_terms(
     if train_streams and st.flat.size:
         D = feats.h.shape[-1]
         sh = stream_hidden(model, feats, st.rows).reshape(-1, D)[st.flat]
-        logits = model.head(sh)
+        logits = model.head(sh).astype(mx.float32)
         c = nn.losses.cross_entropy(logits, st.labels, reduction="none")
         hit = mx.stop_gradient((mx.argmax(logits, axis=-1) == st.labels).astype(mx.float32))
         for j, name in enumerate(stream_names(g)):
@@ -237,7 +243,7 @@ def sparse_terms(
             loss = loss + alphas[j] * ce[name] / mx.maximum(count[name], 1.0)
     if train_exit and st.exit_flat.size:
         D = feats.h.shape[-1]
-        logits = model.exit_logits(feats.h.reshape(-1, D)[st.exit_flat])
+        logits = model.exit_logits(feats.h.reshape(-1, D)[st.exit_flat]).astype(mx.float32)
         c = nn.losses.cross_entropy(logits, st.exit_labels, reduction="none")
         hit = mx.stop_gradient((mx.argmax(logits, axis=-1) == st.exit_labels).astype(mx.float32))
         ce["exit"], correct["exit"] = c.sum(), hit.sum()
@@ -266,6 +272,7 @@ def task_sparse_terms(
     count: dict[str, mx.array] = {}
 
     def ce_hit(logits: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
+        logits = logits.astype(mx.float32)
         c = nn.losses.cross_entropy(logits, labels, reduction="none")
         hit = mx.stop_gradient((mx.argmax(logits, axis=-1) == labels).astype(mx.float32))
         return c, hit
@@ -335,6 +342,23 @@ def set_trainable(
     elif train_exit:
         model.streams.exit_adapter.unfreeze()
     model.train()
+
+
+def use_master_copies(model: SpecStreamModel) -> None:
+    """Cast the trainable parameters of a half-precision model to float32 (no-op for a
+    float32 model, or for parameters that already are)."""
+    if model_dtype(model.base) not in HALF_DTYPES:
+        return
+    half = [(k, v.astype(mx.float32)) for k, v in tree_flatten(model.trainable_parameters())
+            if v.dtype in HALF_DTYPES]
+    if half:
+        model.update(tree_unflatten(half))
+
+
+def streams_to_model_dtype(model: SpecStreamModel) -> None:
+    """Return the stream parameters (float32 master copies while training) to the
+    model's dtype, the dtype they are used, saved and loaded in."""
+    model.streams.set_dtype(model_dtype(model.base))
 
 
 def _has_lora(base: nn.Module) -> bool:
@@ -445,9 +469,9 @@ def evaluate(
         mx.eval(terms.ce, terms.correct, terms.count)
         for name in terms.ce:
             s = sums.setdefault(name, [0.0, 0.0, 0.0])
-            s[0] += terms.ce[name].item()
-            s[1] += terms.correct[name].item()
-            s[2] += terms.count[name].item()
+            s[0] += terms.ce[name].astype(mx.float32).item()
+            s[1] += terms.correct[name].astype(mx.float32).item()
+            s[2] += terms.count[name].astype(mx.float32).item()
         if simulate and feats is not None:
             st = batch.sparse(model.cfg.num_streams)
             if st.flat.size:
@@ -587,6 +611,7 @@ def run_phase(
     if phase == "exit":  # only the exit adapter learns
         model.freeze()
         model.streams.exit_adapter.unfreeze()
+    use_master_copies(model)
     optimizer = make_optimizer(tc, steps, lr)
     ckpt_dir = Path(tc.checkpoint_dir) / phase if tc.checkpoint_dir else None
     start = 0
@@ -641,8 +666,8 @@ def run_phase(
             (_, ce, cnt), grads = loss_and_grad(model)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, ce, cnt)
-            ce_sum += np.array(ce)
-            cnt_sum += np.array(cnt)
+            ce_sum += np.array(ce.astype(mx.float32))
+            cnt_sum += np.array(cnt.astype(mx.float32))
             ntok += int(batch.targets.sum())
             seen += batch.tokens.shape[0]
         if tc.grad_accum > 1:
@@ -710,6 +735,7 @@ def train(
             model, train_batches, tc, "exit", exit_steps, False, True, cache,
             lr=tc.exit_lr, log=log, progress=progress,
         )
+    streams_to_model_dtype(model)
     model.freeze()
     model.eval()
     if valid_batches:
@@ -726,7 +752,8 @@ def save_streams(model: SpecStreamModel, folder: str | Path) -> None:
     folder, whose config.json is updated, or a separate streams folder), atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v for k, v in model.stream_parameters().items()}
+    dtype = model_dtype(model.base)
+    weights = {k: v.astype(dtype) for k, v in model.stream_parameters().items()}
     _atomic_save_safetensors(folder / STREAMS_FILE, weights, {"format": "mlx"})
     cfg_path = folder / "config.json"
     config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
