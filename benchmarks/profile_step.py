@@ -17,7 +17,8 @@ import time
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load
-from mlx_specstream.decode import _topk_indices, default_tree
+from mlx_specstream.decode import default_tree
+from mlx_specstream.drafting import topk_indices
 from mlx_specstream.tree import accept_greedy, product_tree
 
 import mlx.core as mx
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.commit(path)
         t = lap("acceptance + commit (host)", t)
         host = tree.size + path[-1] * g
-        cands = _topk_indices(model.head(x[host : host + g]), tree.kmax)
+        cands = topk_indices(model.head(x[host : host + g]), tree.kmax)
         mx.eval(cands, cache.state_arrays())
         lap(f"LM head x {g} stream rows of the accepted node + top-k + cache gather", t)
 

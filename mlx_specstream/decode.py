@@ -1,12 +1,16 @@
-"""The decoding loop: prefill, then one pass per step that verifies the current draft
-tree in the main stream and drafts the next tree from every node's streams.
+"""The decoding loops: ONE speculative loop, parametrised by a drafter and an acceptor,
+and the autoregressive loop beside it.
 
-The loop reaches the model only through ``SpecStreamModel`` (lower / exit / upper /
-head) and the cache only through ``TreeKVCache.commit``.  The LM head reads out the
-main rows of a pass at once and the streams of the accepted node only, queued with
-the next pass.  The decoding policy (tree
-shape, pruning, acceptance) is in ``tree.py``.  One host synchronisation per step is
-needed for acceptance (two with pruning: the pruned shape is decided mid-pass).
+A speculative step has named phases, each usable alone: the drafter proposes the draft
+(``drafting.py``), ``verify`` runs it through the model (pruning it mid-pass with the
+early exit), the acceptor picks the accepted path and the next token in one host
+synchronisation (``GreedyAcceptor`` here, exact sampling in ``sampled.py``), ``commit``
+keeps the accepted rows in the cache (through ``TreeKVCache.commit`` only), and the
+drafter observes the accepted node's streams, whose LM head runs lazily, inside the
+next pass (n + g rows through the head instead of n * (1 + g)).  The adaptive pause
+(``Pause``) and the statistics (``DecodeStats``) are kept by the loop alone.  One host
+synchronisation per step, plus one for pruning (the pruned shape is decided mid-pass),
+one for a dynamic chain and one for a context branch.
 """
 
 from __future__ import annotations
@@ -18,18 +22,9 @@ import mlx.core as mx
 import numpy as np
 
 from .config import SpecStreamConfig
+from .drafting import ROOT, ContextDrafter, Draft, StreamDrafter, monotone_costs
 from .model import SpecStreamModel
-from .tree import (
-    Tree,
-    accept_greedy,
-    follow_chain,
-    make_tree,
-    product_tree,
-    prune,
-    subtree,
-    tree_from_paths,
-    with_chain,
-)
+from .tree import Tree, accept_greedy, product_tree, prune, subtree, tree_from_paths
 
 
 @dataclass
@@ -51,24 +46,18 @@ class DecodeStats:
         n = max(self.forward_passes, 1)
         return [a / n for a in self.accepted_per_depth]
 
-    def record_tree_pass(self, nodes: int, path: list[int]) -> None:
-        """Count one tree pass of ``nodes`` nodes that accepted ``path`` (root first)."""
+    def record_tree_pass(self, nodes: int, path: list[int], branch_from: int = 0) -> None:
+        """Count one tree pass of ``nodes`` nodes that accepted ``path`` (root first);
+        ``branch_from``: the first node of a context branch (0: none)."""
+        if branch_from:
+            self.lookup_passes += 1
+            self.lookup_accepted += sum(i >= branch_from for i in path)
         self.forward_passes += 1
         self.tree_nodes += nodes
         if len(path) - 1 > len(self.accepted_per_depth):  # a context branch goes deeper
             self.accepted_per_depth += [0] * (len(path) - 1 - len(self.accepted_per_depth))
         for d in range(1, len(path)):
             self.accepted_per_depth[d - 1] += 1
-
-
-def _topk_indices(logits: mx.array, k: int) -> mx.array:
-    """Indices of the k largest entries along the last axis, best first."""
-    if k == 1:
-        return mx.argmax(logits, axis=-1, keepdims=True)
-    part = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
-    vals = mx.take_along_axis(logits, part, axis=-1)
-    order = mx.argsort(-vals, axis=-1)
-    return mx.take_along_axis(part, order, axis=-1)
 
 
 PAUSE_TOKENS = 16
@@ -148,27 +137,31 @@ def check_context(model: SpecStreamModel, prompt_len: int, max_tokens: int) -> i
     return limit
 
 
-def _prefill(
+def fill(model: SpecStreamModel, tokens: mx.array, cache, chunk: int) -> None:
+    """Run ``tokens`` through the main stream in chunks, each evaluated and committed."""
+    for start in range(0, tokens.shape[0], chunk):
+        part = tokens[start : start + chunk]
+        positions = mx.arange(cache.offset, cache.offset + part.shape[0])
+        h = model.lower(part, positions, cache=cache)
+        model.upper_hidden(h, positions, cache=cache, with_streams=False)
+        mx.eval(cache.state_arrays())
+        cache.commit()
+
+
+def prefill(
     model: SpecStreamModel, prompt: mx.array, cache, with_streams: bool, chunk: int = 512
 ) -> mx.array:
     """Run the prompt (in chunks) through the model and return the logits of the last
     position only: (1 + num_streams, V) with streams (main row first), else (1, V)."""
-    n = prompt.shape[0]
-    start = 0
-    while n - start > chunk:
-        end = start + chunk
-        positions = mx.arange(cache.offset, cache.offset + chunk)
-        model.upper_hidden(model.lower(prompt[start:end], positions, None, cache), positions,
-                           None, cache, None, False)
-        mx.eval(cache.state_arrays())
-        cache.commit()
-        start = end
+    start = (prompt.shape[0] - 1) // chunk * chunk
+    fill(model, prompt[:start], cache, chunk)
     rest = prompt[start:]
     L = rest.shape[0]
     positions = mx.arange(cache.offset, cache.offset + L)
-    h = model.lower(rest, positions, None, cache)
+    h = model.lower(rest, positions, cache=cache)
     rows = mx.array([L - 1]) if with_streams else None
-    x = model.upper_hidden(h, positions, None, cache, rows, with_streams)[0]
+    x = model.upper_hidden(h, positions, cache=cache, stream_rows=rows,
+                           with_streams=with_streams)[0]
     cache.commit()
     # The LM head only where it is read: the last main row and its streams.
     return model.head(x[L - 1 :])
@@ -203,15 +196,7 @@ def autoregressive_steps(
     choose = greedy_choice if choose is None else choose
     cache = model.make_cache()
     n = prompt.shape[0]
-    done = 0
-    while n - done > 1:
-        k = min(PREFILL_STEP, n - 1 - done)
-        positions = mx.arange(cache.offset, cache.offset + k)
-        h = model.lower(prompt[done : done + k], positions, None, cache)
-        model.upper_hidden(h, positions, None, cache, None, False)
-        mx.eval(cache.state_arrays())
-        cache.commit()
-        done += k
+    fill(model, prompt[:-1], cache, PREFILL_STEP)
 
     def step(token: mx.array, prev: mx.array | None) -> mx.array:
         pos = mx.array([cache.offset])
@@ -239,14 +224,116 @@ def autoregressive_steps(
         y = nxt
 
 
-def paused_pass(model: SpecStreamModel, root: mx.array, cache, streams: bool) -> mx.array:
-    """One plain pass of the root token while drafting is paused, committed; the logits
-    of the root, then (``streams``) of its streams, to draft again: (1 [+ g], V)."""
-    pos = mx.array([cache.offset])
-    x = model.upper_hidden(model.lower(root, pos, None, cache), pos, None, cache, None,
-                           streams)[0]
-    cache.commit()
-    return model.head(x)
+# ---------------------------------------------------------------- the speculative loop
+
+
+def verify(model: SpecStreamModel, cache, draft: Draft, with_streams: bool,
+           prune_threshold: float = 0.0) -> tuple[mx.array, Tree, mx.array, np.ndarray | None]:
+    """Run the draft through the model: the last hidden states (the main rows, then
+    ``num_streams`` rows per node), the verified tree, its tokens and the draft nodes
+    pruning kept (None: all).  With ``prune_threshold`` > 0 the stream nodes whose
+    early-exit probability (of their token given their parent) falls below it are
+    dropped after the lower layers, with their subtrees; the context branch is kept."""
+    tree, tokens, mask = draft.tree, draft.tokens, draft.mask
+    positions = draft.depth + cache.offset
+    h = model.lower(tokens, positions, mask, cache)
+    kept = None
+    if prune_threshold > 0.0 and draft.streams > 1:
+        ex = model.exit_logits(h[0]).astype(mx.float32)  # read on the host
+        lse = mx.logsumexp(ex, axis=-1)
+        p = np.array(mx.exp(ex[draft.parent, tokens] - lse[draft.parent]))
+        p[draft.branch] = 1.0
+        keep = prune(tree, p, prune_threshold)
+        if keep.shape[0] < tree.size:
+            kept, keep_mx = keep, mx.array(keep.astype(np.int32))
+            h, tokens, positions = h[:, keep_mx], tokens[keep_mx], positions[keep_mx]
+            mask, tree = mask[keep_mx][:, keep_mx], subtree(tree, keep)
+    x = model.upper_hidden(h, positions, mask, cache, with_streams=with_streams)[0]
+    return x, tree, tokens, kept
+
+
+def commit(model: SpecStreamModel, cache, path: list[int], kept: np.ndarray | None) -> None:
+    """Keep the accepted path in the cache: the lower layers hold every drafted node,
+    the upper layers the ones pruning kept."""
+    if kept is None:
+        cache.commit(path)
+    else:
+        lower_rows = [int(kept[i]) for i in path]
+        cache.commit([lower_rows] * model.split + [path] * (model.num_layers - model.split))
+
+
+class GreedyAcceptor:
+    """The longest path whose every token is the main stream's argmax (``accept_greedy``);
+    the next token is the argmax after it.  ``targets`` (on the device, per node) and
+    ``accept`` (on the host, after the step's one synchronisation) are the interface of
+    every acceptor."""
+
+    def first(self, logits: mx.array, context: list[int]) -> int:
+        """The token after the prompt (``logits``: its last row), its last token taken
+        as a root alone."""
+        root = context[-1:]
+        targets = self.targets(logits[None], mx.array(root, dtype=mx.int32), ROOT, context)
+        return self.accept(ROOT, np.array(root), np.array(targets), None)[1]
+
+    def targets(self, main: mx.array, tokens: mx.array, tree: Tree,
+                context: list[int]) -> mx.array:
+        return mx.argmax(main, axis=-1)
+
+    def accept(self, tree: Tree, tokens: np.ndarray, targets: np.ndarray,
+               draft: Draft | None) -> tuple[list[int], int]:
+        path = accept_greedy(tree, tokens, targets)
+        return path, int(targets[path[-1]])
+
+
+def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
+                     stats: DecodeStats, drafter: StreamDrafter | ContextDrafter,
+                     acceptor: GreedyAcceptor, prune_threshold: float = 0.0) -> Iterator[int]:
+    """Prefill, then one pass per step: draft, verify, accept, commit.  While the pause
+    is on, the drafter drafts without the streams (the root alone, or a context branch)
+    and the streams run on the pause's last pass only; a drafter that never runs the
+    streams never pauses."""
+    limit = check_context(model, prompt.shape[0], max_tokens)
+    cache = model.make_cache()
+    stats.accepted_per_depth = [0] * drafter.max_depth
+    g = model.cfg.num_streams
+    context = [int(t) for t in np.array(prompt).reshape(-1)]  # prompt + output, root last
+    logits = prefill(model, prompt, cache, drafter.uses_streams)
+    context.append(acceptor.first(logits[0], context))
+    if drafter.uses_streams:
+        drafter.observe(logits[1 : 1 + drafter.rows], context)
+    produced = 1
+    yield context[-1]
+    pause = Pause(model.cfg.draft_cost_ratio if drafter.uses_streams else 0.0)
+    while produced < max_tokens:
+        paused = pause.active
+        with_streams = pause.take() if paused else drafter.uses_streams
+        draft = drafter.propose(context, limit - cache.offset, paused)
+        if draft is None:
+            return  # context full
+        x, tree, tokens, kept = verify(model, cache, draft, with_streams, prune_threshold)
+        n = tree.size
+        targets = acceptor.targets(model.head(x[:n]), tokens, tree, context)
+        mx.eval(targets, tokens, x, *(a for a in (draft.q, draft.cands) if a is not None))
+        tok_np = np.array(tokens)
+        path, nxt = acceptor.accept(tree, tok_np, np.array(targets), draft)
+        commit(model, cache, path, kept)
+        # A paused pass without a context branch is a plain pass, not a tree pass.
+        stats.record_tree_pass(0 if paused and not draft.branch else n,
+                               path if kept is None else [int(kept[i]) for i in path],
+                               draft.streams if draft.tree.size > draft.streams else 0)
+        if not paused:
+            pause.observe(len(path))
+        new_tokens = [int(tok_np[i]) for i in path[1:]] + [nxt]
+        context.extend(new_tokens)
+        if with_streams:
+            host = n + path[-1] * g  # the streams of the last accepted node
+            drafter.observe(model.head(x[host : host + drafter.rows]), context)
+        for tok in new_tokens:
+            if produced >= max_tokens:
+                return
+            produced += 1
+            stats.step_tokens += 1
+            yield tok
 
 
 def speculative_steps(
@@ -261,219 +348,39 @@ def speculative_steps(
 ) -> Iterator[int]:
     """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding.
 
-    dynamic: instead of one tree for every step, a chain whose length is chosen per step
-    from the accepted node's stream confidences (top-1 probabilities p_j): the length d
-    maximising (1 + p_1 + p_1 p_2 + ...) / cost(d + 1 nodes), with the measured relative
-    pass costs of ``cfg.tree_costs`` (EAGLE-2's idea restricted to chains).  Costs one
-    extra host sync per step.  Default: ``cfg.dynamic_tree``.
-
-    lookup_branches: the longest context branch (0: none; default:
-    ``cfg.lookup_branches``).  When the context (prompt + output, root included) ends
-    with an n-gram (3 down to 2 tokens) seen earlier, the tokens that followed it (at
-    most this many) join the draft tree as a chain from the root, verified in the same
-    pass: the chain follows the stream tree's nodes as long as they carry its tokens
-    and continues as new nodes (any depth) below the last of them, so no two siblings
-    repeat a token.  Reading the stream candidates for that costs one extra host sync
-    on the steps that have a match.  Pruning always keeps the branch.  While the
-    adaptive pause is on, a pass with a match verifies the branch alone (main stream
-    only, streams on the pause's last pass) instead of the root alone; the pause's
-    length is counted in passes.  A one-node tree with a branch is prompt lookup
-    (``lookup.lookup_steps``)."""
+    dynamic: a chain sized per step (``drafting.chain_length``) instead of one tree;
+    default ``cfg.dynamic_tree``.  lookup_branches: the longest context branch
+    (``drafting.ContextDrafter``; 0: none; default ``cfg.lookup_branches``).  A
+    one-node tree with a branch is prompt lookup."""
     cfg = model.cfg
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
     lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
     if lookup < 0:
         raise ValueError(f"lookup_branches must be >= 0, got {lookup}")
-    g = cfg.num_streams
+    chains = None
     if dynamic:
-        chains = [tree_from_paths([[0] * i for i in range(1, d + 1)]) for d in range(g + 1)]
-        tree = chains[-1]
-    tree = tree if tree is not None else default_tree(cfg)
+        chains = [tree_from_paths([[0] * i for i in range(1, d + 1)])
+                  for d in range(cfg.num_streams + 1)]
+    tree = chains[-1] if chains else tree if tree is not None else default_tree(cfg)
     if tree.max_depth > cfg.num_streams:
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
-    if tree.size == 1:
+    if tree.size == 1 and not lookup:
         # A one-node tree drafts nothing: calibration chooses it when the streams would
-        # not pay for themselves (e.g. untrained); plain decoding is then the fastest,
-        # or prompt lookup when a context branch is wanted.
-        if lookup:
-            from .lookup import lookup_steps
-
-            yield from lookup_steps(model, prompt, max_tokens, stats, LOOKUP_MAX_NGRAM,
-                                    lookup, LOOKUP_MIN_NGRAM)
-        else:
-            yield from autoregressive_steps(model, prompt, max_tokens, stats)
+        # not pay for themselves (e.g. untrained); plain decoding is then the fastest.
+        yield from autoregressive_steps(model, prompt, max_tokens, stats)
         return
+    drafter = StreamDrafter(tree, chains=chains, pass_cost=monotone_costs(cfg.tree_costs))
+    if lookup:
+        drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM)
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
-    limit = check_context(model, prompt.shape[0], max_tokens)
-    stats.accepted_per_depth = [0] * tree.max_depth
-    cache = model.make_cache()
+    yield from speculative_loop(model, prompt, max_tokens, stats, drafter, GreedyAcceptor(),
+                                threshold)
 
-    # Constant per tree: index arrays and mask on the device.
-    def constants(t: Tree) -> tuple[Tree, mx.array, mx.array, mx.array, mx.array]:
-        return (t, mx.array(t.gather_index.astype(np.int32)), mx.array(t.depth.astype(np.int32)),
-                mx.array(t.mask), mx.array(np.maximum(t.parent, 0).astype(np.int32)))
 
-    base = constants(tree)
-    kmax = tree.kmax
-    per_length = [constants(t) for t in chains] if dynamic else []
-    root_only = constants(make_tree([-1], [0], [0]))
-    # Trees with a context branch, per (stream tree, attach node, branch length).
-    branched: dict[tuple[int, int, int], tuple[Tree, mx.array, mx.array, mx.array]] = {}
-
-    def with_branch(b: tuple, attach: int, length: int) -> tuple:
-        key = (id(b[0]), attach, length)
-        if key not in branched:
-            t = with_chain(b[0], attach, length)
-            branched[key] = (t, mx.array(t.depth.astype(np.int32)), mx.array(t.mask),
-                             mx.array(np.maximum(t.parent, 0).astype(np.int32)))
-        return branched[key]
-
-    costs = list(cfg.tree_costs or [])
-    for i in range(len(costs) - 2, -1, -1):  # measured costs are noisy: make them monotone
-        costs[i] = min(costs[i], costs[i + 1])
-
-    def pass_cost(n: int) -> float:
-        if not costs:  # uncalibrated: a rough CPU-like default
-            return 1.2 + 0.2 * (n - 1)
-        return costs[n - 1] if n <= len(costs) else costs[-1] * n / len(costs)
-
-    def chain_length(conf: np.ndarray) -> int:
-        best, best_d, reach, expect = 0.0, 0, 1.0, 1.0
-        for d in range(g + 1):
-            if d:
-                reach *= float(conf[d - 1])
-                expect += reach
-            value = expect / pass_cost(d + 1)
-            if value > best:
-                best, best_d = value, d
-        return best_d
-
-    conf = None
-
-    def draft(stream_logits: mx.array) -> mx.array:
-        """(g, V) stream logits of the host node -> flattened top-kmax candidates (and,
-        for dynamic chains, the streams' top-1 probabilities)."""
-        nonlocal conf
-        if dynamic:  # float32 on the device: the host reads it (numpy has no bfloat16)
-            sl = stream_logits.astype(mx.float32)
-            conf = mx.exp(mx.max(sl, axis=-1) - mx.logsumexp(sl, axis=-1))
-        return _topk_indices(stream_logits, kmax).reshape(-1)
-
-    from .lookup import find_draft  # (lookup.py imports this module)
-
-    logits = _prefill(model, prompt, cache, with_streams=True)
-    root = mx.argmax(logits[0]).reshape(1)
-    cands = draft(logits[1:])
-    produced = 0
-    first = int(root.item())
-    produced += 1
-    context = [int(t) for t in np.array(prompt).reshape(-1)] + [first] if lookup else []
-    yield first
-
-    pause = Pause(cfg.draft_cost_ratio)
-    while produced < max_tokens:
-        chain = find_draft(context, LOOKUP_MAX_NGRAM, lookup, LOOKUP_MIN_NGRAM) if lookup else []
-        with_streams = True
-        if pause.active:
-            with_streams = pause.take()
-            if not chain:
-                if cache.offset + 1 > limit:
-                    return
-                logits = paused_pass(model, root, cache, with_streams)
-                root = mx.argmax(logits[:1], axis=-1)
-                if with_streams:
-                    cands = draft(logits[1:])
-                stats.forward_passes += 1
-                stats.step_tokens += 1
-                produced += 1
-                tok = int(root.item())
-                if lookup:
-                    context.append(tok)
-                yield tok
-                continue
-            b = root_only  # the pause holds the streams back; the branch alone is verified
-        elif dynamic:
-            b = per_length[chain_length(np.array(conf))]
-        else:
-            b = base
-        if cache.offset + b[0].size > limit:
-            return  # context full
-        stream_tree, gather = b[0], b[1]
-        t, depth, full_mask, parent = b[0], b[2], b[3], b[4]
-        on_branch: list[int] = []
-        new = 0
-        if chain:
-            if stream_tree.size > 1:
-                node_tok = np.concatenate([[context[-1]], np.array(cands[gather])])
-                on_branch = follow_chain(stream_tree, node_tok, chain)
-            else:
-                on_branch = [0]
-            new = min(len(chain) - len(on_branch) + 1, limit - cache.offset - stream_tree.size)
-            if new > 0:
-                t, depth, full_mask, parent = with_branch(b, on_branch[-1], new)
-                on_branch += list(range(stream_tree.size, stream_tree.size + new))
-                stats.lookup_passes += 1
-            else:
-                new = 0
-        off = cache.offset
-        parts = [root]
-        if stream_tree.size > 1:
-            parts.append(cands[gather])
-        if new:
-            parts.append(mx.array(chain[len(chain) - new :], dtype=root.dtype))
-        tokens = mx.concatenate(parts) if len(parts) > 1 else root
-        positions = depth + off
-        mask = full_mask if t.size > 1 else None
-        h = model.lower(tokens, positions, mask, cache)
-        if threshold > 0.0 and stream_tree.size > 1:
-            ex = model.exit_logits(h[0]).astype(mx.float32)  # read on the host
-            lse = mx.logsumexp(ex, axis=-1)
-            p = np.array(mx.exp(ex[parent, tokens] - lse[parent]))
-            p[on_branch] = 1.0  # the context branch is kept whatever the early exit says
-            keep = prune(t, p, threshold)
-        else:
-            keep = None
-        if keep is not None and keep.shape[0] < t.size:
-            keep_mx = mx.array(keep.astype(np.int32))
-            h = h[:, keep_mx]
-            u_tokens = tokens[keep_mx]
-            u_pos = positions[keep_mx]
-            u_mask = full_mask[keep_mx][:, keep_mx]
-            kept, tree_sub = keep, subtree(t, keep)
-        else:
-            u_tokens, u_pos, u_mask = tokens, positions, mask
-            kept, tree_sub = None, t
-        n = tree_sub.size
-        # The LM head runs on the main rows (verification) now, and on the streams of
-        # the accepted node only once acceptance has picked it: lazily, so that it runs
-        # inside the next pass (n + g rows through the head instead of n * (1 + g)).
-        x = model.upper_hidden(h, u_pos, u_mask, cache, None, with_streams)[0]
-        pred = mx.argmax(model.head(x[:n]), axis=-1)
-        mx.eval(pred, u_tokens, x)
-        pred_np, tok_np = np.array(pred), np.array(u_tokens)
-        path = accept_greedy(tree_sub, tok_np, pred_np)
-        last = path[-1]
-        stats.record_tree_pass(n, path)
-        if new:
-            full_path = path if kept is None else [int(kept[i]) for i in path]
-            stats.lookup_accepted += sum(i >= stream_tree.size for i in full_path)
-        if b is not root_only:
-            pause.observe(len(path))
-        # Commit: lower layers hold every node, upper layers the kept ones.
-        if kept is None:
-            cache.commit(path)
-        else:
-            lower_rows = [int(keep[i]) for i in path]
-            cache.commit([lower_rows] * model.split + [path] * (model.num_layers - model.split))
-        root = pred[last].reshape(1)
-        if with_streams:
-            cands = draft(model.head(x[n + last * g : n + (last + 1) * g]))  # in the next pass
-        new_tokens = [int(tok_np[i]) for i in path[1:]] + [int(pred_np[last])]
-        for tok in new_tokens:
-            if produced >= max_tokens:
-                return
-            produced += 1
-            stats.step_tokens += 1
-            if lookup:
-                context.append(tok)
-            yield tok
+def lookup_steps(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
+                 stats: DecodeStats, max_ngram: int = 3, num_draft: int = 4,
+                 min_ngram: int = 1) -> Iterator[int]:
+    """Prompt lookup: the context drafter alone, verified by the main stream (no
+    speculative streams).  Greedy output is identical to plain decoding."""
+    drafter = ContextDrafter(StreamDrafter(ROOT), num_draft, max_ngram, min_ngram)
+    return speculative_loop(model, prompt, max_tokens, stats, drafter, GreedyAcceptor())

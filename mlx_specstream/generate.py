@@ -23,7 +23,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from .backend import align_weights
 from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
-from .decode import DecodeStats, autoregressive_steps, speculative_steps
+from .decode import DecodeStats, autoregressive_steps, lookup_steps, speculative_steps
 from .model import SpecStreamModel
 from .sampled import sampled_autoregressive_steps, sampled_speculative_steps
 from .sampling import SamplingParams
@@ -189,8 +189,6 @@ def stream_generate(
     if drafter == "lookup" and speculative:
         if not params.plain_greedy:
             raise ValueError("the lookup drafter decodes greedily only (temp 0)")
-        from .lookup import lookup_steps
-
         steps = lookup_steps(model, ids, max_tokens, stats)
     elif params.plain_greedy:
         if speculative:

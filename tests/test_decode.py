@@ -202,7 +202,8 @@ def test_pruning_keeps_confident_paths() -> None:
 
 
 def test_prompt_lookup_is_lossless_and_accepts_copies() -> None:
-    from mlx_specstream.lookup import find_draft, lookup_steps
+    from mlx_specstream.decode import lookup_steps
+    from mlx_specstream.drafting import find_draft
 
     assert find_draft([1, 2, 3, 9, 1, 2], max_ngram=2, num_draft=3) == [3, 9, 1]
     assert find_draft([5, 6, 7], max_ngram=2) == []
@@ -361,7 +362,7 @@ def test_context_branch_tree_shape() -> None:
 
 
 def test_find_draft_minimum_ngram() -> None:
-    from mlx_specstream.lookup import find_draft
+    from mlx_specstream.drafting import find_draft
 
     assert find_draft([4, 1, 9, 8, 1], max_ngram=3, num_draft=2) == [9, 8]
     assert find_draft([4, 1, 9, 8, 1], max_ngram=3, num_draft=2, min_ngram=2) == []
