@@ -166,6 +166,12 @@ def distill(
              "tokens": 0, "truncated": 0, "seconds": 0.0}
     if not todo:
         return stats
+    # Prompts are prefilled in groups padded to the longest: sort by length within blocks
+    # of a few batches, so that groups are even while any prefix of the work still mixes
+    # the sources.
+    block = 4 * batch_size
+    todo = [t for b in range(0, len(todo), block)
+            for t in sorted(todo[b : b + block], key=lambda t: len(t[3]))]
     bar = None
     if progress:
         from tqdm import tqdm
