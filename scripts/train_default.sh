@@ -18,14 +18,18 @@
 # Usage: scripts/train_default.sh [WORK_DIR]   (default runs/default; resumable: distill
 # appends and skips prompts already answered).  Environment: PYTHON, NUM_PROMPTS, EPOCHS,
 # ALL_PROMPTS, CONT_ITERS, CONT2_ITERS, SELF_INSTRUCT, FOLLOW_UPS, PER_SOURCE, BROAD_ITERS;
-# START_STREAMS=mlx_specstream/default_streams skips steps 1-4 (starts from the shipped
-# streams).
+# START_STREAMS=DIR starts step 5 from the streams in DIR instead of running steps 1-4.
 # The shipped run: steps 1-2 with 3000 prompts, batch 128, 48 epochs of 8192-token batches,
 # lr 1e-3, P lr 5e-3, pruning adapter 200 steps after the streams, on a lent H200 (MLX CUDA,
 # same commands; ~4 min of distillation + ~3 min of training).  Step 3 ran on this
 # project's 2-core CPU: 1,784 more answers (~25 min at batch 48), then 64 + 96 steps of
 # 4096-token batches at lr 3e-4 (~39 s a step; default_streams/train_report_cont*.json).  On a
 # 2-core CPU steps 1-2 take hours (NUM_PROMPTS=1000 EPOCHS=3 is a CPU-sized first stage).
+# Step 5 ran on the same CPU from the step-4 streams: 1,400 requests written by the model
+# (28 min), then its distillation was stopped after 37 min with 1,360 answers (697 to the
+# model's own requests, 287 chitchat first turns and chatterbot questions, 129 passage
+# tasks, 125 SQL questions, 122 later chitchat turns with history; no follow-ups and no
+# sampled answers were reached), then 60 steps (about one epoch, ~48 s a step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -84,7 +88,7 @@ fi
     --prompts "$WORK/sql/train.jsonl" --sampled-fraction 0.08 --temp 0.7 --batch-size 64
 "$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/broad" \
     --streams-path "$START_STREAMS" --adapter-path "$WORK/streams_broad" --mode lossless \
-    --iters "$BROAD_ITERS" --batch-tokens 4096 --lr 5e-4 --embed-lr 2.5e-3 --warmup 0.1 \
+    --iters "$BROAD_ITERS" --batch-tokens 4096 --lr 1e-3 --embed-lr 5e-3 --warmup 0.1 \
     --seed 2 --exit-phase none --cache-gb 0 --eval-every 20 --max-valid 60 \
     --checkpoint-every 10 --checkpoint-dir "$WORK/checkpoints_broad" \
     --report "$WORK/train_report_broad.json"
