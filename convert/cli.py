@@ -2,7 +2,9 @@
 
 The output loads with plain ``mlx_lm.load`` and also holds the ``speculative_streaming``
 section of config.json and freshly initialised stream parameters (specstream.safetensors),
-ready for ``mlx-specstream train``.
+ready for ``mlx-specstream train``.  Without -o the folder is ./<source name>-mlx.  With
+--force onto a model folder whose trained streams fit the new model, those streams and their
+settings (calibrated tree, cost ratio) are kept; --fresh-streams starts over.
 
 Examples:
   mlx-specstream convert path/to/hf-folder -o models/llama-ss
@@ -13,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import SpecStreamConfig
 from .writer import DTYPES, convert_checkpoint
@@ -28,6 +31,15 @@ def _topk(text: str) -> list[int]:
     return values
 
 
+def default_output(src: str) -> str:
+    """``./<source name>-mlx``: the source folder's or file's name without a .gguf suffix."""
+    path = Path(src).expanduser()
+    name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    if name.lower().endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    return f"{name or 'model'}-mlx"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("src", nargs="?", help="Hugging Face model folder or .gguf file")
@@ -35,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hf-path", "--model", dest="hf_path", help="same as SRC (mlx_lm.convert's flag)"
     )
     parser.add_argument(
-        "-o", "--mlx-path", dest="mlx_path", default="mlx_model", help="output folder"
+        "-o",
+        "--mlx-path",
+        dest="mlx_path",
+        default=None,
+        help="output folder (default: ./<source name>-mlx)",
     )
     parser.add_argument(
         "--dtype",
@@ -53,7 +69,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep a GGUF's Q4_0/Q4_1/Q8_0 quantization instead of dequantizing",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output folder (its trained streams are kept when they fit)",
+    )
+    parser.add_argument(
+        "--fresh-streams",
+        action="store_true",
+        help="with --force: write fresh streams even when the existing ones fit",
+    )
     d = SpecStreamConfig()
     g = parser.add_argument_group("speculative streaming")
     g.add_argument(
@@ -96,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give the source once: as SRC or as --hf-path, not both")
     if not src:
         raise ValueError("no source given: pass a Hugging Face folder or a .gguf file")
+    mlx_path = args.mlx_path or default_output(src)
     spec = SpecStreamConfig(
         num_streams=args.num_streams,
         stream_layers=args.stream_layers,
@@ -104,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
         adapter_rank=args.adapter_rank,
         stream_lora_rank=args.stream_lora_rank,
     )
-    convert_checkpoint(
+    result = convert_checkpoint(
         src,
-        args.mlx_path,
+        mlx_path,
         dtype=args.dtype,
         quantize_bits=args.q_bits if args.quantize else None,
         group_size=args.q_group_size,
@@ -116,7 +142,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         verbose=True,
         progress=not args.quiet,
+        keep_streams=not args.fresh_streams,
     )
+    print(f"model folder: {result.path.resolve()}")
+    steps = result.next_steps()
+    if steps:
+        print(steps)
     return 0
 
 

@@ -61,6 +61,8 @@ class ConvertResult:
     spec_config: SpecStreamConfig
     seconds: float
     files: list[str] = field(default_factory=list)
+    kept_streams: bool = False  # the streams and settings of the replaced folder were kept
+    notes: list[str] = field(default_factory=list)  # what happened to existing streams
 
     @property
     def extra_ratio(self) -> float:
@@ -80,6 +82,21 @@ class ConvertResult:
                 if self.stream_file_parameters != self.extra_parameters
                 else ""
             )
+            + "".join(f"\n{n}" for n in self.notes)
+        )
+
+    def next_steps(self) -> str:
+        """The commands that make fresh streams draft (empty when they were kept)."""
+        if self.kept_streams:
+            return ""
+        folder = str(self.path)
+        data = f"{folder}-distill"
+        return (
+            "the streams are untrained: this folder decodes without drafting (no speed-up) "
+            "until they are trained.  Next steps:\n"
+            f"  mlx-specstream distill --model {folder} --output {data} --self-instruct 2000\n"
+            f"  mlx-specstream train --model {folder} --data {data} --mode lossless\n"
+            f"  mlx-specstream calibrate --model {folder}"
         )
 
 
@@ -271,6 +288,41 @@ def _read_source(src: Path, keep_gguf_quant: bool) -> Source:
     )
 
 
+def existing_streams(
+    dst: Path, model: nn.Module, config: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, mx.array]] | str:
+    """The ``speculative_streaming`` section and streams of the folder ``dst`` when they fit
+    ``model`` (same hidden size, layer count and stream tensor shapes); otherwise a sentence
+    saying why not (empty when ``dst`` has no streams)."""
+    streams_file, config_file = dst / STREAMS_FILE, dst / "config.json"
+    if not (dst.is_dir() and streams_file.is_file() and config_file.is_file()):
+        return ""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            old_config = json.load(f)
+        section = old_config.get(CONFIG_KEY)
+        if not isinstance(section, dict):
+            return f"{config_file} has no '{CONFIG_KEY}' section"
+        for key in ("hidden_size", "num_hidden_layers"):
+            if old_config.get(key) != config.get(key):
+                return (
+                    f"{key} differs ({old_config.get(key)} in {dst}, {config.get(key)} in the "
+                    "new model)"
+                )
+        spec = SpecStreamConfig.from_dict(section)
+        spec.validate(int(config.get("num_hidden_layers", 0)))
+        from ..model import init_stream_params
+
+        expected = {k: _shape(v) for k, v in init_stream_params(model, spec).items()}
+        old = mx.load(str(streams_file))
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        return f"cannot read them ({e})"
+    got = {k: _shape(v) for k, v in old.items()}
+    if got != expected:
+        return f"{STREAMS_FILE} does not match the new model's stream tensors"
+    return section, old
+
+
 # ----------------------------------------------------------------------------- convert
 
 
@@ -287,9 +339,13 @@ def convert_checkpoint(
     seed: int = 0,
     verbose: bool = True,
     progress: bool | None = None,
+    keep_streams: bool = True,
 ) -> ConvertResult:
     """Convert ``src`` (HF folder or .gguf) to a model folder ``dst``; see :func:`convert`.
 
+    keep_streams: when ``force`` replaces a folder whose streams (``specstream.safetensors``)
+    fit the new model, keep them and its ``speculative_streaming`` section (calibrated tree,
+    cost ratio...) instead of writing fresh ones; ``spec_config`` is then not used.
     verbose prints the summary (folder, extra parameters); progress shows a tqdm bar over the
     tensors (default: as verbose).
     """
@@ -325,6 +381,27 @@ def convert_checkpoint(
     expected = dict(tree_flatten(model.parameters()))
     check_weights(weights, expected, source.origin, source.path)
 
+    notes: list[str] = []
+    kept: tuple[dict[str, Any], dict[str, mx.array]] | None = None
+    if force and dst.is_dir():
+        found = existing_streams(dst, model, config) if keep_streams else ""
+        if isinstance(found, tuple):
+            kept = found
+            spec_config = SpecStreamConfig.from_dict(kept[0])
+            tuned = [
+                k for k in ("tree_paths", "draft_cost_ratio", "tree_costs")
+                if kept[0].get(k) not in (None, 0, 0.0, [])
+            ]
+            notes.append(
+                f"kept the existing streams ({STREAMS_FILE}) and '{CONFIG_KEY}' settings of "
+                f"{dst}" + (f" ({', '.join(tuned)})" if tuned else "")
+                + "; pass --fresh-streams (keep_streams=False) to start over"
+            )
+        elif found:
+            notes.append(f"wrote fresh streams: the existing ones in {dst} do not fit ({found})")
+        elif not keep_streams and (dst / STREAMS_FILE).exists():
+            notes.append(f"replaced the existing streams of {dst} with fresh ones")
+
     target = DTYPES[dtype]
     tmp = make_temp_dir(dst)
     try:
@@ -353,7 +430,7 @@ def convert_checkpoint(
 
         from ..model import init_stream_params
 
-        streams = init_stream_params(model, spec_config, seed=seed)
+        streams = kept[1] if kept else init_stream_params(model, spec_config, seed=seed)
         streams = {
             k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
             for k, v in streams.items()
@@ -378,8 +455,8 @@ def convert_checkpoint(
         else:
             config.pop("quantization", None)
         config["torch_dtype"] = dtype
-        section = spec_config.to_dict()
-        if section.get("tree_paths") is None:
+        section = dict(kept[0]) if kept else spec_config.to_dict()
+        if not kept and section.get("tree_paths") is None:
             # Fresh streams accept nothing yet: until they are trained (and the tree is
             # calibrated) a one-node tree, i.e. plain decoding, is the fastest choice.
             section["tree_paths"] = []
@@ -414,6 +491,8 @@ def convert_checkpoint(
         spec_config=spec_config,
         seconds=time.perf_counter() - t0,
         files=files,
+        kept_streams=kept is not None,
+        notes=notes,
     )
     if verbose:
         print(result.summary())
@@ -432,6 +511,7 @@ def convert(
     keep_gguf_quant: bool = False,
     seed: int = 0,
     verbose: bool = True,
+    keep_streams: bool = True,
 ) -> Path:
     """Convert a Hugging Face folder or a .gguf file into a speculative-streaming model folder.
 
@@ -442,7 +522,8 @@ def convert(
     dtype: float32 (default; best on CPUs), float16 or bfloat16 for float weights.
     quantize_bits / group_size: quantize linear layers with mlx-lm (4 or 8 bits typical).
     keep_gguf_quant: keep a GGUF's own Q4_0/Q4_1/Q8_0 quantization instead of dequantizing.
-    force: replace an existing ``dst`` (only once the new folder is complete).
+    force: replace an existing ``dst`` (only once the new folder is complete); streams of
+    ``dst`` that fit the new model are kept with their settings unless ``keep_streams`` is False.
     Returns the path written; :func:`convert_checkpoint` returns the full result.
     """
     return convert_checkpoint(
@@ -456,4 +537,5 @@ def convert(
         keep_gguf_quant=keep_gguf_quant,
         seed=seed,
         verbose=verbose,
+        keep_streams=keep_streams,
     ).path

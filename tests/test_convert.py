@@ -504,3 +504,68 @@ def test_default_model_path(tmp_path: Path, monkeypatch) -> None:
     assert default_model.default_model_path(verbose=False) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert os.listdir(tmp_path) == ["smollm2-135m-instruct"]
+
+
+# ----------------------------------------------------------------------------- kept streams
+
+
+def _train_streams(folder: Path) -> dict:
+    """Stand-in for a training run: non-default streams and a calibrated section."""
+    streams = mx.load(str(folder / STREAMS_FILE))
+    mx.save_safetensors(str(folder / STREAMS_FILE), {k: v + 1.0 for k, v in streams.items()})
+    config = json.loads((folder / "config.json").read_text())
+    config[CONFIG_KEY].update(tree_paths=[[0], [0, 0]], draft_cost_ratio=1.5)
+    (folder / "config.json").write_text(json.dumps(config))
+    return {k: np.array(v) for k, v in mx.load(str(folder / STREAMS_FILE)).items()}
+
+
+def test_force_keeps_fitting_streams(tmp_path: Path) -> None:
+    src = tiny.make_tiny_hf_folder(tmp_path / "src")
+    dst = convert(src, tmp_path / "out", verbose=False)
+    trained = _train_streams(dst)
+
+    result = convert_checkpoint(src, dst, force=True, dtype="float32", verbose=False)
+    assert result.kept_streams and result.next_steps() == ""
+    assert "kept the existing streams" in result.summary()
+    assert "tree_paths" in result.summary()
+    section = json.loads((dst / "config.json").read_text())[CONFIG_KEY]
+    assert section["tree_paths"] == [[0], [0, 0]] and section["draft_cost_ratio"] == 1.5
+    now = mx.load(str(dst / STREAMS_FILE))
+    for k, v in trained.items():
+        np.testing.assert_array_equal(np.array(now[k]), v)
+
+    fresh = convert_checkpoint(src, dst, force=True, keep_streams=False, verbose=False)
+    assert not fresh.kept_streams and "mlx-specstream train" in fresh.next_steps()
+    section = json.loads((dst / "config.json").read_text())[CONFIG_KEY]
+    assert section["tree_paths"] == [] and section["draft_cost_ratio"] == 0.0
+    assert leftovers(tmp_path) == []
+
+
+def test_force_replaces_streams_that_do_not_fit(tmp_path: Path) -> None:
+    src = tiny.make_tiny_hf_folder(tmp_path / "src")
+    other = tiny.make_tiny_hf_folder(tmp_path / "other", num_hidden_layers=5)
+    dst = convert(other, tmp_path / "out", verbose=False)
+    _train_streams(dst)
+    result = convert_checkpoint(src, dst, force=True, verbose=False)
+    assert not result.kept_streams
+    assert "do not fit" in result.summary() and "num_hidden_layers" in result.summary()
+
+
+def test_cli_default_output_and_next_steps(tmp_path: Path, capsys, monkeypatch) -> None:
+    src = tiny.make_tiny_hf_folder(tmp_path / "tiny-src")
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    convert_cli.add_arguments(parser)
+    assert convert_cli.run(parser.parse_args([str(src), "--quiet"])) == 0
+    out = tmp_path / "tiny-src-mlx"
+    assert (out / STREAMS_FILE).exists()
+    printed = capsys.readouterr().out
+    assert str(out) in printed
+    assert "mlx-specstream train --model tiny-src-mlx" in printed
+    assert convert_cli.default_output("models/x.Q4_1.gguf") == "x.Q4_1-mlx"
+
+    _train_streams(out)
+    args = parser.parse_args([str(src), "--quiet", "--force"])
+    assert convert_cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "kept the existing streams" in printed and "next steps" not in printed.lower()
