@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_ours(model, tokenizer, **(options | kw))
 
     from mlx_specstream.decode import default_tree
+    from mlx_specstream.tree import parse_tree_shape
 
     tree = default_tree(model.cfg)
     default_name = (f"SS calibrated tree ({tree.size} nodes)" if model.cfg.tree_paths is not None
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         methods["SS dynamic chain"] = ss(dynamic_tree=True)
         extra["SS dynamic chain"] = extra[default_name]
     for spec in args.tree_topk or []:
-        topk = [int(x) for x in spec.split(",")]
+        topk = parse_tree_shape(spec)
         methods[f"SS product tree {topk}"] = ss(tree_topk=topk)
         extra[f"SS product tree {topk}"] = extra[default_name]
     for name, opts in extra_rows:

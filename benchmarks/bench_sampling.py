@@ -41,6 +41,7 @@ class Run:
     seconds: float  # from the first generated token to the last
     passes: int  # forward passes after the prefill
     accepted: list[int] = field(default_factory=list)
+    step_tokens: int = 0  # tokens those passes produced (DecodeStats.step_tokens, EOS included)
 
 
 @dataclass
@@ -49,12 +50,14 @@ class Row:
     tokens: int = 0
     seconds: float = 0.0
     passes: int = 0
+    step_tokens: int = 0
     accepted: list[int] = field(default_factory=list)
 
     def add(self, r: Run) -> None:
         self.tokens += r.tokens
         self.seconds += r.seconds
         self.passes += r.passes
+        self.step_tokens += r.step_tokens
         if r.accepted:
             if len(self.accepted) < len(r.accepted):
                 self.accepted += [0] * (len(r.accepted) - len(self.accepted))
@@ -67,7 +70,8 @@ class Row:
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.tokens / self.passes if self.passes else 0.0
+        """DecodeStats.tokens_per_pass over the runs: tokens of the passes after the prefill."""
+        return self.step_tokens / self.passes if self.passes else 0.0
 
     def acceptance(self) -> str:
         if not self.accepted or not self.passes:
@@ -105,8 +109,9 @@ def run_ours(model, tokenizer, **opts) -> Method:
             if r.token not in eos:
                 count += 1
         passes = last.forward_passes if last else 0
+        step_tokens = round(last.tokens_per_pass * passes) if last else 0
         accepted = list(last.accepted_per_depth) if last else []
-        return Run(max(count - 1, 0), time.perf_counter() - t0, passes, accepted)
+        return Run(max(count - 1, 0), time.perf_counter() - t0, passes, accepted, step_tokens)
 
     return go
 

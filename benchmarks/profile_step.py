@@ -19,7 +19,7 @@ import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load
 from mlx_specstream.decode import default_tree
 from mlx_specstream.drafting import topk_indices
-from mlx_specstream.tree import accept_greedy, product_tree
+from mlx_specstream.tree import accept_greedy, parse_tree_shape, product_tree
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", action="store_true", help="also split a 1-token pass by op")
     args = p.parse_args(argv)
     model, _ = load(args.model)
-    tree = (product_tree([int(k) for k in args.tree_topk.split(",")]) if args.tree_topk
+    tree = (product_tree(parse_tree_shape(args.tree_topk)) if args.tree_topk
             else default_tree(model.cfg))
     g = model.cfg.num_streams
     V = model.args.vocab_size

@@ -18,17 +18,8 @@ import argparse
 from pathlib import Path
 
 from ..config import SpecStreamConfig
+from ..tree import add_tree_topk_argument
 from .writer import DTYPES, convert_checkpoint
-
-
-def _topk(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def default_output(src: str) -> str:
@@ -90,11 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.stream_layers,
         help="Ns, top layers with multi-stream attention",
     )
-    g.add_argument(
-        "--tree-topk",
-        type=_topk,
-        default=d.tree_topk,
-        help="candidates per tree depth, e.g. 3,2,1",
+    add_tree_topk_argument(
+        g, default=d.tree_topk, help="candidates per tree depth, e.g. 3,2,1", several=False
     )
     g.add_argument(
         "--prune-threshold",

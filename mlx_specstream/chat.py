@@ -78,7 +78,9 @@ class ChatStats:
             f"prompt tokens: {self.prompt_tokens}",
             f"generated tokens: {self.generation_tokens} "
             f"({self.tokens_per_second:.1f} tokens/s overall, prefill included)",
-            f"tokens per forward pass: {self.tokens_per_pass:.2f} ({self.forward_passes} passes)",
+            f"tokens per forward pass: {self.tokens_per_pass:.2f} "
+            f"({round(self.step_tokens)} tokens from {self.forward_passes} passes after the "
+            "prefills)",
         ]
         if self.accepted_per_depth and self.forward_passes:
             acc = ", ".join(

@@ -10,12 +10,15 @@ than the main one that generated should call ``mx.clear_streams()`` before it en
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -120,6 +123,50 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+_MLX_LM_ONLY = {
+    "sampler": "pass temp, top_p, top_k and min_p instead of a sampler",
+    "logits_processors": "pass repetition_penalty (and repetition_context_size) instead of "
+    "logits processors",
+    "draft_model": "the speculative streams draft inside the model; no draft model is used",
+    "num_draft_tokens": "the draft tree comes from tree_topk (or the calibrated tree)",
+    "prompt_cache": "each call keeps its own cache; pass the whole prompt",
+    "max_kv_size": "the cache grows with the context; a rotating cache is not supported",
+}
+
+
+def check_unsupported(kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments of ``mlx_lm.stream_generate`` that this API does not take."""
+    if not kwargs:
+        return
+    hints = [f"{k}: {_MLX_LM_ONLY[k]}" for k in kwargs if k in _MLX_LM_ONLY]
+    other = sorted(k for k in kwargs if k not in _MLX_LM_ONLY)
+    msg = "stream_generate() does not take " + ", ".join(repr(k) for k in kwargs)
+    if hints:
+        msg += " (mlx-lm's API; sampling here is temp/top_p/top_k/min_p/repetition_penalty). "
+        msg += "; ".join(hints)
+    if other:
+        msg += (
+            "; options are: speculative, drafter, tree_topk, prune_threshold, dynamic_tree, "
+            "lookup_branches, stop, temp, top_p, top_k, min_p, repetition_penalty, "
+            "repetition_context_size, seed"
+        )
+    raise TypeError(msg)
+
+
+def _refuse_unknown_kwargs(fn):
+    """Wrap ``fn`` so that unknown keyword arguments raise :func:`check_unsupported`'s
+    TypeError (with hints for mlx-lm's) instead of Python's bare one; the signature stays."""
+    names = set(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        check_unsupported({k: v for k, v in kwargs.items() if k not in names})
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_refuse_unknown_kwargs
 def stream_generate(
     model: SpecStreamModel,
     tokenizer: TokenizerWrapper,
@@ -174,6 +221,11 @@ def stream_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
     )
+    if dynamic_tree and not params.plain_greedy:
+        raise ValueError(
+            "dynamic_tree decodes greedily only (temp 0, no repetition penalty); drop "
+            "dynamic_tree or set temp=0"
+        )
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     ids = _encode(tokenizer, prompt)
@@ -290,10 +342,15 @@ def generate(
 
 
 def format_stats(r: GenerationResponse) -> str:
+    """The statistics lines of ``generate --verbose``.  tokens-per-pass is
+    ``DecodeStats.tokens_per_pass``: the tokens produced by the forward passes after the
+    prefill over those passes (the prefill's first token is not counted)."""
     return (
         f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens-per-sec, "
-        f"{r.tokens_per_pass:.2f} tokens-per-pass ({r.forward_passes} passes"
+        f"{r.tokens_per_pass:.2f} tokens-per-pass "
+        f"({round(r.tokens_per_pass * r.forward_passes)} tokens from {r.forward_passes} "
+        "passes after the prefill"
         + (f", {r.lookup_accepted} tokens from the context" if r.lookup_accepted else "")
         + ")\n"
         f"Peak memory: {r.peak_memory:.3f} GB"

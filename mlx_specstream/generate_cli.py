@@ -21,6 +21,7 @@ from typing import Any
 import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 
 from .generate import GenerationResponse, format_stats, load, stream_generate
+from .tree import add_tree_topk_argument
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
@@ -38,18 +39,6 @@ SAMPLING_PARAMS: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------- flags
-
-
-def _parse_topk(value: str) -> list[int]:
-    try:
-        ks = [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {value!r}"
-        ) from None
-    if not ks or any(k < 1 for k in ks):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {value!r}")
-    return ks
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -80,12 +69,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="plain autoregressive decoding in the same runtime (for comparison)",
     )
-    g.add_argument(
-        "--tree-topk",
-        type=_parse_topk,
-        default=None,
-        metavar="K1,K2,...",
-        help="candidates per depth of the draft tree, e.g. 3,2,1 (default: the model's)",
+    add_tree_topk_argument(
+        g, help="candidates per depth of the draft tree, e.g. 3,2,1 (default: the model's)"
     )
     g.add_argument(
         "--prune-threshold",
@@ -96,7 +81,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dynamic-tree",
         action="store_true",
-        help="size a draft chain per step from the streams' confidences (greedy only)",
+        help="size a draft chain per step from the streams' confidences (greedy only: "
+        "refused with --temp > 0 or a repetition penalty)",
     )
     g.add_argument(
         "--lookup-branches",
@@ -121,7 +107,19 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if args.lookup_branches < 0:
             raise ValueError(f"--lookup-branches must be >= 0, got {args.lookup_branches}")
         kw["lookup_branches"] = int(args.lookup_branches)
+    if kw.get("dynamic_tree") and not is_greedy(
+        getattr(args, "temp", None), getattr(args, "repetition_penalty", None)
+    ):
+        raise ValueError(
+            "--dynamic-tree decodes greedily only: drop it, or use --temp 0 without "
+            "--repetition-penalty"
+        )
     return kw
+
+
+def is_greedy(temp: float | None, repetition_penalty: float | None) -> bool:
+    """Whether these sampling options decode greedily (the plain model's argmax)."""
+    return not temp and repetition_penalty in (None, 1.0)
 
 
 # --------------------------------------------------------------- sampling pass-through

@@ -56,6 +56,7 @@ from .generate_cli import (
     add_model_argument,
     chat_prompt_ids,
     decoding_kwargs,
+    is_greedy,
     sampling_kwargs,
 )
 
@@ -240,9 +241,25 @@ class CompletionRequest:
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_request(body: Any, chat: bool, model_ids: set[str], context: int) -> CompletionRequest:
+def parse_request(
+    body: Any,
+    chat: bool,
+    model_ids: set[str],
+    context: int,
+    defaults: dict[str, Any] | None = None,
+) -> CompletionRequest:
+    """The request ``body``; ``defaults`` (temperature, top_p, max_tokens: the server's
+    --temp, --top-p, --max-tokens) fill in the fields the request omits."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
+    if defaults:
+        body = dict(body)
+        for key, value in defaults.items():
+            if value is None or body.get(key) is not None:
+                continue
+            if key == "max_tokens" and body.get("max_completion_tokens") is not None:
+                continue
+            body[key] = value
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
@@ -367,8 +384,10 @@ class Engine:
         *,
         decode_kwargs: dict[str, Any] | None = None,
         stream_fn: StreamFn | None = None,
+        request_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
+        self.request_defaults = dict(request_defaults or {})
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.model_ids = {model_id, "default"}
@@ -457,6 +476,10 @@ class Engine:
                 req = job.request
                 prompt = self._prompt_ids(req)
                 kwargs = {**self.decode_kwargs, **req.gen_kwargs}
+                if kwargs.get("dynamic_tree") and not is_greedy(
+                    kwargs.get("temp"), kwargs.get("repetition_penalty")
+                ):
+                    del kwargs["dynamic_tree"]  # --dynamic-tree applies to greedy requests
                 if req.stop:
                     kwargs["stop"] = req.stop
                 gen = self.stream_fn(self.model, self.tokenizer, prompt, req.max_tokens, **kwargs)
@@ -654,7 +677,10 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         try:
             body = self._read_body()
-            req = parse_request(body, POST_ROUTES[route], engine.model_ids, engine.context)
+            req = parse_request(
+                body, POST_ROUTES[route], engine.model_ids, engine.context,
+                engine.request_defaults,
+            )
         except ApiError as e:
             self._send_error(e)
             return
@@ -884,14 +910,19 @@ def make_server(
     decode_kwargs: dict[str, Any] | None = None,
     stream_fn: StreamFn | None = None,
     log: bool = False,
+    request_defaults: dict[str, Any] | None = None,
 ) -> SpecStreamServer:
     """An OpenAI-compatible server for a loaded model, bound but not yet serving:
     call ``serve_forever()`` (in a thread if need be), then ``shutdown()`` and
     ``server_close()``.  Port 0 picks a free port (see ``server_address``).
 
     decode_kwargs: fixed ``stream_generate`` keywords (speculative, tree_topk, ...).
-    stream_fn: replaces ``stream_generate`` (for tests)."""
-    engine = Engine(model, tokenizer, model_id, decode_kwargs=decode_kwargs, stream_fn=stream_fn)
+    stream_fn: replaces ``stream_generate`` (for tests).
+    request_defaults: temperature / top_p / max_tokens for requests that omit them."""
+    engine = Engine(
+        model, tokenizer, model_id, decode_kwargs=decode_kwargs, stream_fn=stream_fn,
+        request_defaults=request_defaults,
+    )
     try:
         return SpecStreamServer((host, port), engine, log=log)
     except BaseException:
@@ -907,10 +938,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-id", default=None, help="the id clients use (default: the folder name)"
     )
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
+    g = parser.add_argument_group("defaults of requests that omit them")
+    g.add_argument("--temp", type=float, default=None, help="temperature (default 0: greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="top_p (default 1)")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"max_tokens (default {DEFAULT_MAX_TOKENS}, at most the context)",
+    )
     add_decoding_arguments(parser)
 
 
+def request_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields set by --temp, --top-p, --max-tokens (checked)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "temp", None) is not None:
+        if not 0 <= args.temp <= 2:
+            raise ValueError(f"--temp must be in [0, 2], got {args.temp}")
+        out["temperature"] = float(args.temp)
+    if getattr(args, "top_p", None) is not None:
+        if not 0 < args.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+        out["top_p"] = float(args.top_p)
+    if getattr(args, "max_tokens", None) is not None:
+        if args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        out["max_tokens"] = int(args.max_tokens)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    defaults = request_defaults(args)
+    decode_kwargs = decoding_kwargs(args)
     model, tokenizer = load(args.model)
     model_id = args.model_id or (Path(args.model).name if args.model else "default")
     server = make_server(
@@ -919,8 +979,9 @@ def run(args: argparse.Namespace) -> int:
         model_id,
         args.host,
         args.port,
-        decode_kwargs=decoding_kwargs(args),
+        decode_kwargs=decode_kwargs,
         log=not args.quiet,
+        request_defaults=defaults,
     )
     host, port = server.server_address[:2]
     print(f"serving '{model_id}' on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr)

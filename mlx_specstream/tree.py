@@ -208,3 +208,46 @@ def with_chain(tree: Tree, attach: int, length: int) -> Tree:
     rank = np.concatenate([tree.rank, np.zeros(length, dtype=np.int64)])
     t = make_tree(parent, depth, rank)
     return Tree(t.parent, t.depth, t.rank, tree.kmax, t.children, t.mask)
+
+
+def parse_tree_shape(text: str | Sequence[str]) -> list[int]:
+    """Candidates per depth from ``"3,2,1"``, ``"3 2 1"`` or ``["3", "2", "1"]``.
+
+    Raises ValueError unless every value is an integer >= 1 and there is at least one."""
+    parts = [text] if isinstance(text, str) else list(text)
+    values = []
+    for part in parts:
+        for v in part.replace(",", " ").split():
+            try:
+                values.append(int(v))
+            except ValueError:
+                raise ValueError(
+                    f"expected integers >= 1 separated by commas or spaces, got {part!r}"
+                ) from None
+    if not values or any(k < 1 for k in values):
+        raise ValueError(f"expected integers >= 1 separated by commas or spaces, got {text!r}")
+    return values
+
+
+def add_tree_topk_argument(
+    parser, default=None, help: str | None = None, several: bool = True
+) -> None:
+    """``--tree-topk`` taking ``3,2,1``, ``"3 2 1"`` or (``several``: for commands without
+    positional arguments) ``3 2 1``; the parsed value is a list of ints, or ``default``."""
+    import argparse
+
+    class _TreeShape(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            try:
+                setattr(namespace, self.dest, parse_tree_shape(values))
+            except ValueError as e:
+                parser.error(f"{option_string}: {e}")
+
+    parser.add_argument(
+        "--tree-topk",
+        nargs="+" if several else None,
+        action=_TreeShape,
+        default=default,
+        metavar="K",
+        help=help or "candidates per depth of the draft tree, e.g. 3,2,1 or 3 2 1",
+    )

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ..config import SpecStreamConfig
+from ..tree import add_tree_topk_argument
 from .data import atomic_write_text, load_split, make_batches
 from .trainer import TrainConfig, prepare_model, save_streams, save_task_adapters, train
 
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--stream-lora-scale", type=float, default=None)
     g.add_argument("--adapter-rank", type=int, default=None, help="pruning adapter rank")
-    g.add_argument("--tree-topk", type=int, nargs="+", default=None)
+    add_tree_topk_argument(g)
     g.add_argument("--prune-threshold", type=float, default=None)
     t = p.add_argument_group("optimisation")
     t.add_argument("--iters", type=int, default=None, help="optimizer steps (default: --epochs)")
