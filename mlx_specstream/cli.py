@@ -26,6 +26,39 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# name -> the description `mlx-specstream NAME --help` prints (for users, not developers)
+DESCRIPTIONS: dict[str, str] = {
+    "convert": "Convert a Hugging Face model folder or a .gguf file into a model folder that\n"
+    "mlx-specstream (and mlx_lm.load) reads.  Without -o the folder is ./<source name>-mlx.\n"
+    "Fresh streams do not draft until trained: the command prints the distill, train and\n"
+    "calibrate steps.  --force onto a folder with trained streams keeps them when they fit.\n"
+    "\n"
+    "examples:\n"
+    "  mlx-specstream convert path/to/hf-folder -o models/llama-ss\n"
+    "  mlx-specstream convert SmolLM2-135M-Instruct.Q4_1.gguf --num-streams 3\n"
+    "  mlx-specstream convert path/to/hf-folder -o models/llama-ss-4bit -q --q-bits 4",
+    "generate": "Generate a reply to a prompt and print it as it streams, then the speeds, "
+    "tokens per forward pass (tokens from the passes after the prefill / those passes), the "
+    "acceptance per draft depth and the peak memory.  The prompt goes through the chat "
+    "template unless --ignore-chat-template is given.",
+    "chat": "Chat with a model in the terminal.  Type /help for the commands (/reset, /stats, "
+    "/quit ...).",
+    "serve": "Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+    "/v1/completions, /v1/models).  Requests that omit temperature, top_p or max_tokens get "
+    "--temp, --top-p and --max-tokens.",
+    "train": "Train the speculative streams of a model folder on chat data (train.jsonl and "
+    "valid.jsonl, e.g. from `mlx-specstream distill`), so that decoding drafts and accepts "
+    "several tokens per forward pass.",
+    "distill": "Write training data for `mlx-specstream train`: the model's own answers to "
+    "chat prompts, in OUTPUT/train.jsonl and OUTPUT/valid.jsonl.  An interrupted run resumes.",
+    "fuse": "Merge the task-mode LoRA adapters of `mlx-specstream train --mode task` into the "
+    "model weights.",
+    "calibrate": "Measure this machine's cost of a forward pass per draft-tree size and store "
+    "the fastest draft tree in the model folder.  Run it once per machine after training.",
+    "doctor": "Show the BLAS, the matmul backend and the matmul speed of this machine.",
+}
+
+
 def _available() -> dict[str, tuple[str, str]]:
     out = {}
     for name, (mod, help_) in SUBCOMMANDS.items():
@@ -57,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     modules = {}
     for name, (mod_name, help_) in _available().items():
         mod = importlib.import_module(mod_name)
-        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip())
+        p = sub.add_parser(name, help=help_, description=DESCRIPTIONS.get(name, help_))
         mod.add_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)

@@ -83,3 +83,16 @@ def test_tokens_per_pass_is_decode_stats(api_model) -> None:
                            generation_tokens=11, generation_tps=1.0, peak_memory=0.0,
                            finish_reason="stop", forward_passes=4, tokens_per_pass=2.5)
     assert "2.50 tokens-per-pass (10 tokens from 4 passes after the prefill)" in format_stats(r)
+
+
+@pytest.mark.parametrize(
+    "name", ["convert", "generate", "chat", "serve", "train", "distill", "calibrate"]
+)
+def test_subcommand_help_is_for_users(name: str, capsys) -> None:
+    from mlx_specstream import cli
+
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    out = capsys.readouterr().out
+    assert " ".join(cli.DESCRIPTIONS[name].split()[:8]) in " ".join(out.split())
+    assert "``" not in out and "This module" not in out
