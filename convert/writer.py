@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import CONFIG_KEY, STREAMS_FILE, SUPPORTED_MODEL_TYPES, SpecStreamConfig
+from ..files import make_temp_dir, move_into_place
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
@@ -189,46 +189,6 @@ def check_weights(
             f"{where}: the weights do not fit the architecture in config.json:\n"
             + "\n".join(problems)
         )
-
-
-def make_temp_dir(dst: Path) -> Path:
-    """A new empty folder ``.<dst name>.tmp-XXXXXXXX`` next to ``dst`` (umask permissions)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot create a temporary folder next to {dst}")
-
-
-def move_into_place(tmp: Path, dst: Path, *, force: bool) -> None:
-    """Rename the complete ``tmp`` folder to ``dst``; with ``force``, replace ``dst`` only now."""
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-        old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
-        os.rename(dst, old)
-        try:
-            os.rename(tmp, dst)
-        except BaseException:
-            os.rename(old, dst)
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-        return
-    try:
-        os.rename(tmp, dst)
-    except OSError as e:  # dst appeared meanwhile (another process) as a non-empty folder
-        if dst.exists():
-            raise FileExistsError(
-                f"{dst} already exists; pass --force (force=True) to replace it"
-            ) from e
-        raise
 
 
 def save_weights(folder: Path, weights: dict[str, mx.array]) -> list[str]:

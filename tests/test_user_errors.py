@@ -96,3 +96,27 @@ def test_subcommand_help_is_for_users(name: str, capsys) -> None:
     out = capsys.readouterr().out
     assert " ".join(cli.DESCRIPTIONS[name].split()[:8]) in " ".join(out.split())
     assert "``" not in out and "This module" not in out
+
+
+def test_one_cache_root_and_atomic_writes(tmp_path, monkeypatch) -> None:
+    from mlx_specstream import default_model
+    from mlx_specstream.backend import shim
+    from mlx_specstream.files import atomic_write, atomic_write_text
+
+    monkeypatch.setenv("MLX_SPECSTREAM_HOME", str(tmp_path / "home"))
+    assert shim.cache_home() == default_model.cache_root() == tmp_path / "home"
+    monkeypatch.setenv("MLX_SPECSTREAM_HOME", "")
+    assert shim.cache_home() == default_model.cache_root()
+
+    target = tmp_path / "a.json"
+    atomic_write_text(target, "1")
+    atomic_write_text(target, "2")
+    assert target.read_text() == "2"
+
+    def boom(p):
+        p.write_text("partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, boom)
+    assert target.read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

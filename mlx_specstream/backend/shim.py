@@ -41,6 +41,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import cache_root
+
 #: Largest number of activation rows the skinny kernel takes.  16 covers a 4-node draft
 #: chain with its 3 streams per node in the MSA layers, so that the whole verification
 #: pass is batch-invariant.  Measured on the project's 2-core Zen 5 machines (SmolLM2,
@@ -115,8 +117,8 @@ STATUS = ShimStatus()
 
 
 def cache_home() -> Path:
-    """``$MLX_SPECSTREAM_HOME`` or ``~/.cache/mlx-specstream``."""
-    return Path(os.environ.get("MLX_SPECSTREAM_HOME", Path.home() / ".cache" / "mlx-specstream"))
+    """The package's cache root (:func:`mlx_specstream.files.cache_root`)."""
+    return cache_root()
 
 
 def cache_dir() -> Path:

@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 from ..config import SpecStreamConfig
+from ..files import atomic_write_text
 from ..tree import add_tree_topk_argument
-from .data import atomic_write_text, load_split, make_batches
+from .data import load_split, make_batches
 from .trainer import TrainConfig, prepare_model, save_streams, save_task_adapters, train
 
 

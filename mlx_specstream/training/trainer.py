@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -38,8 +37,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
+from ..files import atomic_write, atomic_write_text, move_into_place
 from ..model import HALF_DTYPES, SpecStreamModel, build_msa_mask, causal_mask, model_dtype
-from .data import Batch, atomic_write_text, iterate_micro_batches
+from .data import Batch, iterate_micro_batches
 from .loss import Terms, stream_names
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -524,9 +524,7 @@ def make_optimizer(tc: TrainConfig, steps: int, lr: float | None = None) -> opti
 def _atomic_save_safetensors(
     path: Path, arrays: dict[str, mx.array], metadata: dict | None = None
 ) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata or {}))
 
 
 def save_checkpoint(
@@ -780,14 +778,10 @@ def save_task_adapters(model: SpecStreamModel, folder: str | Path, tc: TrainConf
 
 
 def replace_dir(tmp: Path, dest: Path, force: bool) -> None:
-    """Move the finished ``tmp`` folder to ``dest`` (replacing it only with force)."""
-    if dest.exists():
-        if not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{dest} exists (use --force to replace it)")
-        old = dest.with_name(f".{dest.name}.old{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+    """Move the finished ``tmp`` folder to ``dest`` (replacing it only with force); ``tmp``
+    is removed when it cannot be moved."""
+    try:
+        move_into_place(tmp, dest, force=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
