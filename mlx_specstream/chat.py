@@ -20,11 +20,14 @@ import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 from .generate import GenerationResponse, load, stream_generate
 from .generate_cli import (
     add_decoding_arguments,
+    add_extra_eos_tokens,
+    add_mlx_lm_arguments,
     add_model_argument,
     add_sampling_arguments,
     chat_prompt_ids,
     decoding_kwargs,
     sampling_kwargs_from_args,
+    template_kwargs_from_args,
 )
 
 DEFAULT_MAX_TOKENS = 256
@@ -110,6 +113,7 @@ class ChatSession:
         stdout: TextIO | None = None,
         prompt: str = ">> ",
         stream_fn: Callable[..., Iterator[GenerationResponse]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -118,6 +122,7 @@ class ChatSession:
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
         self.gen_kwargs = dict(gen_kwargs or {})
+        self.template_kwargs = dict(template_kwargs or {})
         self.stdin = stdin if stdin is not None else sys.stdin
         self.stdout = stdout if stdout is not None else sys.stdout
         self.prompt = prompt
@@ -158,7 +163,7 @@ class ChatSession:
         Returns the last response, or None when the turn failed (the conversation no
         longer fits the context, say); the user's text is then dropped again."""
         self.messages.append({"role": "user", "content": text})
-        ids = chat_prompt_ids(self.tokenizer, self.messages)
+        ids = chat_prompt_ids(self.tokenizer, self.messages, self.template_kwargs)
         parts: list[str] = []
         last: GenerationResponse | None = None
         tic = time.perf_counter()
@@ -231,16 +236,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_decoding_arguments(parser)
     add_sampling_arguments(parser)
+    add_mlx_lm_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     gen_kwargs = {**decoding_kwargs(args), **sampling_kwargs_from_args(args)}
+    template_kwargs = template_kwargs_from_args(args)
     model, tokenizer = load(args.model)
+    add_extra_eos_tokens(tokenizer, args)
     session = ChatSession(
         model,
         tokenizer,
         system_prompt=args.system_prompt,
         max_tokens=args.max_tokens,
         gen_kwargs=gen_kwargs,
+        template_kwargs=template_kwargs,
     )
     return session.run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -206,13 +207,19 @@ def _fallback_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+def chat_prompt_ids(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template, ready for the
     assistant's reply (as mlx-lm does: the templated text is encoded without adding
-    special tokens).  A tokenizer without a template gets a plain "role: text" layout."""
+    special tokens).  A tokenizer without a template gets a plain "role: text" layout.
+    template_kwargs: further arguments of ``apply_chat_template`` (--chat-template-config)."""
     if has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
+            list(messages), tokenize=False, add_generation_prompt=True,
+            **dict(template_kwargs or {}),
         )
         return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(_fallback_chat_prompt(messages)))
@@ -225,6 +232,71 @@ def format_acceptance(r: GenerationResponse) -> str:
     n = max(r.forward_passes, 1)
     parts = [f"d{d} {100.0 * a / n:.1f}%" for d, a in enumerate(r.accepted_per_depth, start=1)]
     return "Acceptance per depth: " + ", ".join(parts)
+
+
+# ------------------------------------------------------------------- mlx-lm flags
+
+
+def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's --max-kv-size, --extra-eos-token and --chat-template-config."""
+    g = parser.add_argument_group("mlx-lm options")
+    g.add_argument(
+        "--extra-eos-token",
+        nargs="+",
+        default=None,
+        metavar="TOKEN",
+        help="further tokens that end generation (as the EOS token does)",
+    )
+    g.add_argument(
+        "--chat-template-config",
+        default=None,
+        metavar="JSON",
+        help='JSON object of extra apply_chat_template arguments, e.g. \'{"enable_thinking": '
+        "false}'",
+    )
+    g.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=None,
+        help="not supported (the cache holds the whole context): refused when given",
+    )
+
+
+def template_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--chat-template-config as a dict; refuses --max-kv-size."""
+    if getattr(args, "max_kv_size", None) is not None:
+        raise ValueError(
+            "--max-kv-size is not supported: the KV cache holds the whole context (a rotating "
+            "cache would drop the tokens the draft tree is verified against); leave it out"
+        )
+    text = getattr(args, "chat_template_config", None)
+    if not text:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat-template-config is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError("--chat-template-config must be a JSON object, e.g. '{\"key\": 1}'")
+    return config
+
+
+def add_extra_eos_tokens(tokenizer: Any, args: argparse.Namespace) -> None:
+    """Make the --extra-eos-token tokens end generation."""
+    for token in getattr(args, "extra_eos_token", None) or []:
+        try:
+            tokenizer.add_eos_token(token)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--extra-eos-token {token!r}: {e}") from None
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -253,12 +325,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="stop string (may be repeated); generation ends before it",
     )
+    parser.add_argument(
+        "--verbose",
+        type=_bool,
+        default=True,
+        metavar="{True,False}",
+        help="print the statistics after the text (default True; False: the text only)",
+    )
     add_decoding_arguments(parser)
     add_sampling_arguments(parser)
+    add_mlx_lm_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     gen_kwargs = {**decoding_kwargs(args), **sampling_kwargs_from_args(args)}
+    template_kwargs = template_kwargs_from_args(args)
     if args.stop:
         gen_kwargs["stop"] = list(args.stop)
     if args.max_tokens < 1:
@@ -267,23 +348,27 @@ def run(args: argparse.Namespace) -> int:
     if prompt_text == "-":
         prompt_text = sys.stdin.read()
     model, tokenizer = load(args.model)
+    add_extra_eos_tokens(tokenizer, args)
     prompt: str | list[int]
     if not args.ignore_chat_template and has_chat_template(tokenizer):
         messages = []
         if args.system_prompt is not None:
             messages.append({"role": "system", "content": args.system_prompt})
         messages.append({"role": "user", "content": prompt_text})
-        prompt = chat_prompt_ids(tokenizer, messages)
+        prompt = chat_prompt_ids(tokenizer, messages, template_kwargs)
     else:
         prompt = prompt_text
-    print("=" * 10)
+    verbose = getattr(args, "verbose", True)
+    if verbose:
+        print("=" * 10)
     last: GenerationResponse | None = None
     for r in stream_generate(model, tokenizer, prompt, args.max_tokens, **gen_kwargs):
         print(r.text, end="", flush=True)
         last = r
     print()
-    print("=" * 10)
-    if last is not None:
+    if verbose:
+        print("=" * 10)
+    if verbose and last is not None:
         print(format_stats(last))
         print(format_acceptance(last))
     return 0

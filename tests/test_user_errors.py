@@ -120,3 +120,24 @@ def test_one_cache_root_and_atomic_writes(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError):
         atomic_write(target, boom)
     assert target.read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_generate_mlx_lm_flags(api_model, api_model_dir, capsys) -> None:
+    from mlx_specstream import cli
+
+    base = ["generate", "--model", str(api_model_dir), "-p", "Hello", "-m", "6"]
+    assert cli.main(base + ["--max-kv-size", "512"]) == 1
+    assert "--max-kv-size is not supported" in capsys.readouterr().err
+    assert cli.main(base + ["--chat-template-config", "[1]"]) == 1
+    assert "must be a JSON object" in capsys.readouterr().err
+
+    assert cli.main(base + ["--verbose", "False", "--chat-template-config", "{}"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens-per-pass" not in out and "==========" not in out
+
+    model, tokenizer = api_model
+    ids = list(tokenizer.encode("Hello"))
+    first = next(iter(stream_generate(model, tokenizer, ids, 1))).token
+    token = tokenizer.convert_ids_to_tokens(first)
+    assert cli.main(base + ["--ignore-chat-template", "--extra-eos-token", token]) == 0
+    assert "Generation: 1 tokens" in capsys.readouterr().out
