@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load
-from mlx_specstream.training.data import atomic_write_text
+from mlx_specstream.files import atomic_write_text
 
 from common import (
     Tally,
