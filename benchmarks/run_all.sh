@@ -11,10 +11,10 @@ PY=${PYTHON:-.venv/bin/python}
 # and sampled, then speed against mlx-lm and our autoregressive mode.
 "$PY" benchmarks/bench_heldout.py --trees 3,2,1 --option lookup_branches=0 \
     --row "3,2,1 + context" tree_topk=3,2,1 lookup_branches=4 \
-    --output benchmarks/results/heldout_broad.md
+    --per-category 5 --output benchmarks/results/heldout_broad.md
 "$PY" benchmarks/bench_heldout.py --trees 3,2,1 --option temp=0.7 --option seed=0 \
-    --per-category 5 --output benchmarks/results/heldout_broad_sampled.md
-"$PY" benchmarks/bench_decode.py --per-category 3 --tree-topk 3,2,1 \
+    --per-category 3 --output benchmarks/results/heldout_broad_sampled.md
+"$PY" benchmarks/bench_decode.py --per-category 2 --tree-topk 3,2,1 \
     --row "SS calibrated, no context drafts" lookup_branches=0 --tag broad
 # Peers on the held-out chitchat prompts, the forward pass, the SQL task.
 "$PY" benchmarks/bench_decode.py --suite chitchat --prompts 10 --peers --dynamic \
