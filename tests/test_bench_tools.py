@@ -27,7 +27,7 @@ def test_splice_without_block_is_an_error() -> None:
 
 def test_readme_has_the_result_blocks() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for name in ("broad", "heldout_broad", "sql"):
+    for name in ("broad", "sql"):
         assert f"<!-- results:{name} -->" in readme and f"<!-- /results:{name} -->" in readme
 
 
