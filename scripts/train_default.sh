@@ -13,7 +13,7 @@
 #      turns, later chitchat turns with their history, chatterbot-corpus questions, tasks
 #      over standard-library passages and the SQL questions, answered by the model (a few
 #      also sampled at temperature 0.7); the streams continue on it (BROAD_ITERS steps),
-#      validated every 20 steps (the learning curve, benchmarks/plot_learning_curve.py);
+#      validated every 10 steps (the learning curve, benchmarks/plot_learning_curve.py);
 #   6. the tree calibrated for the machine it runs on, written to the shipped config.
 # Usage: scripts/train_default.sh [WORK_DIR]   (default runs/default; resumable: distill
 # appends and skips prompts already answered).  Environment: PYTHON, NUM_PROMPTS, EPOCHS,
@@ -29,7 +29,7 @@
 # (28 min), then its distillation was stopped after 37 min with 1,360 answers (697 to the
 # model's own requests, 287 chitchat first turns and chatterbot questions, 129 passage
 # tasks, 125 SQL questions, 122 later chitchat turns with history; no follow-ups and no
-# sampled answers were reached), then 60 steps (about one epoch, ~48 s a step).
+# sampled answers were reached), then 30 steps (about half an epoch, ~47 s a step; lr 1e-3 made validation worse).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -43,7 +43,7 @@ CONT2_ITERS=${CONT2_ITERS:-96}
 SELF_INSTRUCT=${SELF_INSTRUCT:-1400}
 FOLLOW_UPS=${FOLLOW_UPS:-200}
 PER_SOURCE=${PER_SOURCE:-200}
-BROAD_ITERS=${BROAD_ITERS:-60}
+BROAD_ITERS=${BROAD_ITERS:-30}
 START_STREAMS=${START_STREAMS:-}
 mkdir -p "$WORK"
 MODEL=$("$PY" -c "import mlx_specstream
@@ -88,8 +88,8 @@ fi
     --prompts "$WORK/sql/train.jsonl" --sampled-fraction 0.08 --temp 0.7 --batch-size 64
 "$PY" -m mlx_specstream.cli train --model "$MODEL" --data "$WORK/broad" \
     --streams-path "$START_STREAMS" --adapter-path "$WORK/streams_broad" --mode lossless \
-    --iters "$BROAD_ITERS" --batch-tokens 4096 --lr 1e-3 --embed-lr 5e-3 --warmup 0.1 \
-    --seed 2 --exit-phase none --cache-gb 0 --eval-every 20 --max-valid 60 \
+    --iters "$BROAD_ITERS" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.1 \
+    --seed 2 --exit-phase none --cache-gb 0 --eval-every 10 --max-valid 60 \
     --checkpoint-every 10 --checkpoint-dir "$WORK/checkpoints_broad" \
     --report "$WORK/train_report_broad.json"
 "$PY" benchmarks/plot_learning_curve.py "$WORK/train_report_broad.json"
@@ -105,16 +105,21 @@ cp "$WORK/streams_broad/config.json" "$WORK/streams_broad/specstream.safetensors
     --output "$WORK/heldout.md"
 
 # Size the tree for this machine and ship it with the streams.
-"$PY" - <<'PYEOF'
+WORK="$WORK" "$PY" - <<'PYEOF'
 import json
+import os
 import mlx_specstream
 from mlx_specstream.calibrate import apply_result, calibrate_folder
 from mlx_specstream.default_model import default_model_path
 
 path = "mlx_specstream/default_streams/config.json"
-result = calibrate_folder(default_model_path(verbose=False), write=False)
+from mlx_specstream.training.distill import read_prompts
+
+prompts = read_prompts(os.path.join(os.environ["WORK"], "broad", "valid.jsonl"))[:16]
+result = calibrate_folder(default_model_path(verbose=False), prompts=prompts, write=False)
 cfg = json.load(open(path))
 apply_result(cfg["speculative_streaming"], result)
+cfg["speculative_streaming"]["lookup_branches"] = 4
 json.dump(cfg, open(path, "w"), indent=2)
 print("calibrated tree:", result["choice"]["tree_paths"])
 PYEOF
