@@ -31,6 +31,20 @@ def default_output(src: str) -> str:
     return f"{name or 'model'}-mlx"
 
 
+#: SpecStreamConfig fields set on the command line: (field, type, help).
+_SPEC_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("num_streams", int, "gamma, speculative streams"),
+    ("stream_layers", int, "Ns, top layers with multi-stream attention"),
+    (
+        "prune_threshold",
+        float,
+        "early-exit probability below which tree nodes are dropped (0: off)",
+    ),
+    ("adapter_rank", int, "rank of the pruning adapter"),
+    ("stream_lora_rank", int, "rank of stream-only LoRA in the MSA layers (0: none)"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("src", nargs="?", help="Hugging Face model folder or .gguf file")
@@ -72,33 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     d = SpecStreamConfig()
     g = parser.add_argument_group("speculative streaming")
-    g.add_argument(
-        "--num-streams", type=int, default=d.num_streams, help="gamma, speculative streams"
-    )
-    g.add_argument(
-        "--stream-layers",
-        type=int,
-        default=d.stream_layers,
-        help="Ns, top layers with multi-stream attention",
-    )
     add_tree_topk_argument(
         g, default=d.tree_topk, help="candidates per tree depth, e.g. 3,2,1", several=False
     )
-    g.add_argument(
-        "--prune-threshold",
-        type=float,
-        default=d.prune_threshold,
-        help="early-exit probability below which tree nodes are dropped (0: off)",
-    )
-    g.add_argument(
-        "--adapter-rank", type=int, default=d.adapter_rank, help="rank of the pruning adapter"
-    )
-    g.add_argument(
-        "--stream-lora-rank",
-        type=int,
-        default=d.stream_lora_rank,
-        help="rank of stream-only LoRA in the MSA layers (0: none)",
-    )
+    for field_name, kind, help_text in _SPEC_OPTIONS:
+        flag = "--" + field_name.replace("_", "-")
+        g.add_argument(flag, type=kind, default=getattr(d, field_name), help=help_text)
     g.add_argument("--seed", type=int, default=0, help="seed of the stream initialisation")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -111,12 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no source given: pass a Hugging Face folder or a .gguf file")
     mlx_path = args.mlx_path or default_output(src)
     spec = SpecStreamConfig(
-        num_streams=args.num_streams,
-        stream_layers=args.stream_layers,
-        tree_topk=list(args.tree_topk),
-        prune_threshold=args.prune_threshold,
-        adapter_rank=args.adapter_rank,
-        stream_lora_rank=args.stream_lora_rank,
+        tree_topk=list(args.tree_topk), **{f: getattr(args, f) for f, _, _ in _SPEC_OPTIONS}
     )
     result = convert_checkpoint(
         src,

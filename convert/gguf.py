@@ -13,13 +13,15 @@ from __future__ import annotations
 import collections
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..config import SUPPORTED_MODEL_TYPES
-from .writer import Source
+from .source import LazyWeights, Source
 
 GGUF_GROUP_SIZE = 32  # every GGUF block type that mx.load keeps quantized uses 32-wide blocks
 
@@ -156,7 +158,7 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) 
     return config
 
 
-def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
+def unpermute_rows(w: Any, n_head: int) -> Any:
     """Undo llama.cpp's Q/K row permutation (rows are output features; works on packed
     quantized weights, scales and biases alike since each row is quantized on its own)."""
     rows = w.shape[0]
@@ -204,29 +206,52 @@ def quantization_config(per_module: dict[str, dict[str, Any]]) -> dict[str, Any]
 
 
 def read_gguf(path: Path, *, keep_quant: bool = False) -> Source:
-    """Read a GGUF file; quantized tensors are dequantized (float32) unless ``keep_quant``."""
+    """Read a GGUF file; quantized tensors are dequantized (float32) unless ``keep_quant``.
+
+    ``mx.load`` reads the files whose tensor types MLX knows; any other file (k-quants, Q5_0,
+    ...) is read through the ``gguf`` package's memory-mapped reader and dequantizers.
+    """
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:
-        raise ValueError(
-            f"cannot read {path.name} ({e}); the GGUF file is corrupt or truncated, or uses "
-            "a tensor type MLX cannot load (MLX reads F32, F16, BF16, Q4_0, Q4_1 and Q8_0)"
-        ) from e
+        return _read_with_gguf_py(path, keep_quant=keep_quant, mlx_error=e)
+    return _source_from_mlx(path, raw, meta, keep_quant=keep_quant)
+
+
+def _llama_qk_heads(config: dict[str, Any], name: str) -> int | None:
+    """Heads of a llama Q/K projection tensor (HF name), whose rows llama.cpp permuted."""
+    if config["model_type"] != "llama":
+        return None
+    parts = name.split(".")
+    if len(parts) > 5 and parts[3] == "self_attn":
+        return {
+            "q_proj": config["num_attention_heads"],
+            "k_proj": config["num_key_value_heads"],
+        }.get(parts[4])
+    return None
+
+
+def _tokenizer_writer(files: dict[str, str]) -> Callable[[Path], None]:
+    def write_tokenizer(dst: Path) -> None:
+        for fname, text in files.items():
+            (dst / fname).write_text(text, encoding="utf-8")
+
+    return write_tokenizer
+
+
+def _source_from_mlx(
+    path: Path, raw: dict[str, mx.array], meta: dict[str, Any], *, keep_quant: bool
+) -> Source:
     config = gguf_config(meta, raw, path)
     tokenizer_files = build_tokenizer_files(meta, config, path)  # fail early on bad metadata
 
     hf: dict[str, mx.array] = {}
     for name, value in raw.items():
         hf[hf_name(name)] = value
-    if config["model_type"] == "llama":
-        heads = {
-            "q_proj": config["num_attention_heads"],
-            "k_proj": config["num_key_value_heads"],
-        }
-        for name in list(hf):
-            parts = name.split(".")
-            if len(parts) > 5 and parts[3] == "self_attn" and parts[4] in heads:
-                hf[name] = unpermute_rows(hf[name], heads[parts[4]])
+    for name in list(hf):
+        heads = _llama_qk_heads(config, name)
+        if heads is not None:
+            hf[name] = unpermute_rows(hf[name], heads)
 
     per_module = _module_quantization(hf)
     quantization = None
@@ -242,10 +267,6 @@ def read_gguf(path: Path, *, keep_quant: bool = False) -> Source:
     if quantization is not None:
         config["quantization"] = quantization
 
-    def write_tokenizer(dst: Path) -> None:
-        for fname, text in tokenizer_files.items():
-            (dst / fname).write_text(text, encoding="utf-8")
-
     return Source(
         path=path,
         kind="gguf",
@@ -253,7 +274,81 @@ def read_gguf(path: Path, *, keep_quant: bool = False) -> Source:
         weights=hf,
         origin={name: path.name for name in hf},
         quantization=quantization,
-        write_tokenizer=write_tokenizer,
+        write_tokenizer=_tokenizer_writer(tokenizer_files),
+        sanitized=True,
+    )
+
+
+def gguf_metadata(reader: Any) -> dict[str, Any]:
+    """The key/value metadata of a ``gguf.GGUFReader`` as plain Python values."""
+    return {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if not name.startswith("GGUF.")
+    }
+
+
+def _read_with_gguf_py(path: Path, *, keep_quant: bool, mlx_error: Exception) -> Source:
+    try:
+        import gguf as gguf_py
+    except ImportError as e:
+        raise ValueError(
+            f"cannot read {path.name} with MLX ({mlx_error}); tensor types MLX cannot load "
+            "are read with the gguf package: pip install gguf"
+        ) from e
+    try:
+        reader = gguf_py.GGUFReader(path, "r")
+    except Exception as e:
+        raise ValueError(
+            f"cannot read {path.name} ({mlx_error}; the gguf package: {e}); the GGUF file is "
+            "corrupt or truncated"
+        ) from e
+    float_types = {
+        gguf_py.GGMLQuantizationType.F32: np.float32,
+        gguf_py.GGMLQuantizationType.F16: np.float16,
+    }
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    if keep_quant:
+        raise ValueError(
+            f"{path.name} holds tensor types ({', '.join(types)}) that MLX cannot keep "
+            "quantized (it keeps Q4_0, Q4_1 and Q8_0); convert without --keep-gguf-quant "
+            "(dequantized) and pass -q to quantize with MLX"
+        )
+    meta = gguf_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    config = gguf_config(meta, {n: t.data for n, t in tensors.items()}, path)
+    tokenizer_files = build_tokenizer_files(meta, config, path)
+
+    by_hf = {hf_name(name): t for name, t in tensors.items()}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_hf.items()}
+
+    def load(name: str) -> mx.array:
+        tensor = by_hf[name]
+        try:
+            if tensor.tensor_type in float_types:
+                data = np.asarray(tensor.data, dtype=float_types[tensor.tensor_type])
+            else:
+                data = gguf_py.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"{path.name}: tensor {tensor.name} has type {tensor.tensor_type.name}, which "
+                "the gguf package cannot dequantize"
+            ) from e
+        data = data.reshape(shapes[name])
+        heads = _llama_qk_heads(config, name)
+        if heads is not None:
+            data = unpermute_rows(data, heads)
+        return mx.array(data)
+
+    return Source(
+        path=path,
+        kind="gguf",
+        config=config,
+        weights=LazyWeights(shapes, load),
+        origin={name: f"{path.name} ({t.tensor_type.name})" for name, t in by_hf.items()},
+        quantization=None,
+        write_tokenizer=_tokenizer_writer(tokenizer_files),
+        sanitized=True,
     )
 
 
@@ -290,7 +385,7 @@ def build_tokenizer(meta: dict[str, Any], path: Path | None = None) -> Any:
             raise ValueError(f"{where}: malformed BPE merge {m!r}")
         merges.append((pair[0], pair[1]))
     types_arr = meta.get("tokenizer.ggml.token_type")
-    types = types_arr.tolist() if types_arr is not None else [TOKEN_NORMAL] * len(tokens)
+    types = [int(t) for t in types_arr] if types_arr is not None else [TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
     vocab = {}

@@ -9,7 +9,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .writer import Source
+from .source import Source
 
 #: Files copied verbatim from a HF folder (tokenizer and generation settings).
 TOKENIZER_GLOBS = (

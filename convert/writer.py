@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,23 +25,12 @@ from mlx.utils import tree_flatten
 
 from ..config import CONFIG_KEY, STREAMS_FILE, SUPPORTED_MODEL_TYPES, SpecStreamConfig
 from ..files import make_temp_dir, move_into_place
+from . import gguf, hf
+from .source import Shape, Source
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 MAX_SHARD_BYTES = 5 << 30
-
-
-@dataclass
-class Source:
-    """A checkpoint read into memory (weights lazily) with Hugging Face tensor names."""
-
-    path: Path
-    kind: str  # "hf" or "gguf"
-    config: dict[str, Any]
-    weights: dict[str, mx.array]
-    origin: dict[str, str]  # tensor name -> file it came from (for error messages)
-    quantization: dict[str, Any] | None
-    write_tokenizer: Callable[[Path], None]
 
 
 @dataclass
@@ -126,7 +115,7 @@ def build_model(config: dict[str, Any], where: Path | str) -> nn.Module:
 
 
 def _quantize_like_mlx_lm(
-    model: nn.Module, quantization: dict[str, Any], weights: dict[str, mx.array]
+    model: nn.Module, quantization: dict[str, Any], weights: Mapping[str, mx.array]
 ) -> None:
     """Quantize ``model``'s layers the way ``mlx_lm.utils.load_model`` does for ``config``."""
     from mlx_lm.utils import infer_quant_config
@@ -152,18 +141,18 @@ def _shape(a: mx.array) -> tuple[int, ...]:
 
 
 def check_weights(
-    weights: dict[str, mx.array],
-    expected: dict[str, mx.array],
+    shapes: dict[str, Shape],
+    expected: dict[str, Shape],
     origin: dict[str, str],
     where: Path | str,
 ) -> None:
     """Every expected tensor is present with the expected shape; nothing unexpected."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     wrong = [
-        (k, _shape(expected[k]), _shape(weights[k]))
-        for k in sorted(set(expected) & set(weights))
-        if _shape(expected[k]) != _shape(weights[k])
+        (k, expected[k], shapes[k])
+        for k in sorted(set(expected) & set(shapes))
+        if expected[k] != shapes[k]
     ]
     problems = []
     if wrong:
@@ -228,8 +217,6 @@ def _progress(items: list[str], verbose: bool, desc: str):
 
 
 def _read_source(src: Path, keep_gguf_quant: bool) -> Source:
-    from . import gguf, hf
-
     if not src.exists():
         raise FileNotFoundError(
             f"{src} does not exist; pass a Hugging Face model folder or a .gguf file"
@@ -335,11 +322,16 @@ def convert_checkpoint(
     spec_config.validate(num_layers)
 
     model = build_model(config, source.path)
-    weights = model.sanitize(source.weights) if hasattr(model, "sanitize") else source.weights
+    weights: Mapping[str, mx.array] = source.weights
+    if not source.sanitized and hasattr(model, "sanitize"):
+        weights = model.sanitize(dict(weights))
     if source.quantization is not None:
         _quantize_like_mlx_lm(model, source.quantization, weights)
-    expected = dict(tree_flatten(model.parameters()))
-    check_weights(weights, expected, source.origin, source.path)
+    expected = {k: _shape(v) for k, v in tree_flatten(model.parameters())}
+    shapes = (
+        source.shapes() if weights is source.weights else {k: _shape(v) for k, v in weights.items()}
+    )
+    check_weights(shapes, expected, source.origin, source.path)
 
     notes: list[str] = []
     kept: tuple[dict[str, Any], dict[str, mx.array]] | None = None
@@ -349,12 +341,14 @@ def convert_checkpoint(
             kept = found
             spec_config = SpecStreamConfig.from_dict(kept[0])
             tuned = [
-                k for k in ("tree_paths", "draft_cost_ratio", "tree_costs")
+                k
+                for k in ("tree_paths", "draft_cost_ratio", "tree_costs")
                 if kept[0].get(k) not in (None, 0, 0.0, [])
             ]
             notes.append(
                 f"kept the existing streams ({STREAMS_FILE}) and '{CONFIG_KEY}' settings of "
-                f"{dst}" + (f" ({', '.join(tuned)})" if tuned else "")
+                f"{dst}"
+                + (f" ({', '.join(tuned)})" if tuned else "")
                 + "; pass --fresh-streams (keep_streams=False) to start over"
             )
         elif found:
@@ -369,11 +363,13 @@ def convert_checkpoint(
         for name in _progress(
             list(expected), verbose if progress is None else progress, "converting"
         ):
-            value = weights[name]
-            if mx.issubdtype(value.dtype, mx.floating):
-                value = value.astype(target)
             try:
+                value = weights[name]  # a lazy source reads (dequantizes) the tensor here
+                if mx.issubdtype(value.dtype, mx.floating):
+                    value = value.astype(target)
                 mx.eval(value)
+            except ValueError:
+                raise
             except Exception as e:
                 raise ValueError(
                     f"cannot read tensor {name} from {source.origin.get(name, src.name)} ({e}); "
@@ -381,7 +377,7 @@ def convert_checkpoint(
                 ) from e
             loaded[name] = value
         del weights
-        source.weights.clear()
+        source.weights = {}
         model.load_weights(list(loaded.items()), strict=True)
         del loaded
         from mlx_lm.utils import get_total_parameters
@@ -459,43 +455,20 @@ def convert_checkpoint(
     return result
 
 
-def convert(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    dtype: str = "float32",
-    quantize_bits: int | None = None,
-    group_size: int = 64,
-    force: bool = False,
-    spec_config: SpecStreamConfig | None = None,
-    keep_gguf_quant: bool = False,
-    seed: int = 0,
-    verbose: bool = True,
-    keep_streams: bool = True,
-) -> Path:
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options: Any) -> Path:
     """Convert a Hugging Face folder or a .gguf file into a speculative-streaming model folder.
 
     The folder at ``dst`` loads with plain ``mlx_lm.load`` and additionally holds
     ``config.json["speculative_streaming"]`` (``spec_config``, default ``SpecStreamConfig()``)
     and freshly initialised stream parameters in ``specstream.safetensors``.
 
+    The options are :func:`convert_checkpoint`'s:
     dtype: float32 (default; best on CPUs), float16 or bfloat16 for float weights.
     quantize_bits / group_size: quantize linear layers with mlx-lm (4 or 8 bits typical).
     keep_gguf_quant: keep a GGUF's own Q4_0/Q4_1/Q8_0 quantization instead of dequantizing.
     force: replace an existing ``dst`` (only once the new folder is complete); streams of
     ``dst`` that fit the new model are kept with their settings unless ``keep_streams`` is False.
+    spec_config, seed, verbose: the streams' settings, their initialisation, the summary.
     Returns the path written; :func:`convert_checkpoint` returns the full result.
     """
-    return convert_checkpoint(
-        src,
-        dst,
-        dtype=dtype,
-        quantize_bits=quantize_bits,
-        group_size=group_size,
-        force=force,
-        spec_config=spec_config,
-        keep_gguf_quant=keep_gguf_quant,
-        seed=seed,
-        verbose=verbose,
-        keep_streams=keep_streams,
-    ).path
+    return convert_checkpoint(src, dst, **options).path
