@@ -80,6 +80,9 @@ PRE_TOKENIZERS: dict[str, str | None] = {
     "llama3": _LLAMA3_SPLIT,
 }
 
+#: Vocabularies whose Hugging Face tokenizer NFC-normalizes text before splitting it.
+NFC_PRE_TOKENIZERS = frozenset({"qwen2"})
+
 
 def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
     value = meta.get(key, default)
@@ -205,17 +208,42 @@ def quantization_config(per_module: dict[str, dict[str, Any]]) -> dict[str, Any]
     return config
 
 
+#: Tensor types ``mx.load`` reads exactly (it turns BF16 into float16, losing range and bits).
+MLX_EXACT_TYPES = frozenset({"F32", "F16", "Q4_0", "Q4_1", "Q8_0"})
+
+
 def read_gguf(path: Path, *, keep_quant: bool = False) -> Source:
     """Read a GGUF file; quantized tensors are dequantized (float32) unless ``keep_quant``.
 
-    ``mx.load`` reads the files whose tensor types MLX knows; any other file (k-quants, Q5_0,
-    ...) is read through the ``gguf`` package's memory-mapped reader and dequantizers.
+    ``mx.load`` reads the files whose tensor types it reads exactly (:data:`MLX_EXACT_TYPES`);
+    any other file (k-quants, Q5_0, BF16, ...) is read through the ``gguf`` package's
+    memory-mapped reader and dequantized one tensor at a time, when the writer asks for it.
     """
+    reader, why_not = _open_with_gguf_py(path)
+    if reader is not None:
+        types = {t.tensor_type.name for t in reader.tensors}
+        if not types <= MLX_EXACT_TYPES:
+            return _source_from_gguf_py(path, reader, types, keep_quant=keep_quant)
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:
-        return _read_with_gguf_py(path, keep_quant=keep_quant, mlx_error=e)
+        raise ValueError(
+            f"cannot read {path.name} ({e}); the GGUF file is corrupt or truncated, or uses "
+            f"a tensor type MLX cannot load ({why_not})"
+        ) from e
     return _source_from_mlx(path, raw, meta, keep_quant=keep_quant)
+
+
+def _open_with_gguf_py(path: Path) -> tuple[Any, str]:
+    """A memory-mapped ``gguf.GGUFReader`` of ``path``, or None and the reason."""
+    try:
+        import gguf as gguf_py
+    except ImportError:
+        return None, "other tensor types are read with the gguf package: pip install gguf"
+    try:
+        return gguf_py.GGUFReader(path, "r"), ""
+    except Exception as e:
+        return None, f"the gguf package cannot read it either: {e}"
 
 
 def _llama_qk_heads(config: dict[str, Any], name: str) -> int | None:
@@ -288,30 +316,17 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
     }
 
 
-def _read_with_gguf_py(path: Path, *, keep_quant: bool, mlx_error: Exception) -> Source:
-    try:
-        import gguf as gguf_py
-    except ImportError as e:
-        raise ValueError(
-            f"cannot read {path.name} with MLX ({mlx_error}); tensor types MLX cannot load "
-            "are read with the gguf package: pip install gguf"
-        ) from e
-    try:
-        reader = gguf_py.GGUFReader(path, "r")
-    except Exception as e:
-        raise ValueError(
-            f"cannot read {path.name} ({mlx_error}; the gguf package: {e}); the GGUF file is "
-            "corrupt or truncated"
-        ) from e
+def _source_from_gguf_py(path: Path, reader: Any, types: set[str], *, keep_quant: bool) -> Source:
+    import gguf as gguf_py
+
     float_types = {
         gguf_py.GGMLQuantizationType.F32: np.float32,
         gguf_py.GGMLQuantizationType.F16: np.float16,
     }
-    types = sorted({t.tensor_type.name for t in reader.tensors})
     if keep_quant:
         raise ValueError(
-            f"{path.name} holds tensor types ({', '.join(types)}) that MLX cannot keep "
-            "quantized (it keeps Q4_0, Q4_1 and Q8_0); convert without --keep-gguf-quant "
+            f"{path.name} holds tensor types ({', '.join(sorted(types))}) that MLX cannot keep "
+            "as they are (it keeps Q4_0, Q4_1 and Q8_0); convert without --keep-gguf-quant "
             "(dequantized) and pass -q to quantize with MLX"
         )
     meta = gguf_metadata(reader)
@@ -363,6 +378,7 @@ def build_tokenizer(meta: dict[str, Any], path: Path | None = None) -> Any:
         Tokenizer,
         decoders,
         models,
+        normalizers,
         pre_tokenizers,
         processors,
     )
@@ -424,6 +440,8 @@ def build_tokenizer(meta: dict[str, Any], path: Path | None = None) -> Any:
                 pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
             ]
         )
+    if pre in NFC_PRE_TOKENIZERS:
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
 
     special = [

@@ -261,19 +261,14 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def make_tiny_gguf(
-    path: str | Path, model_type: str = "llama", *, seed: int = 0, **overrides: Any
-) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
-    """Write a tiny GGUF file the way llama.cpp does; return (path, config, HF weights).
+def _gguf_tensors_and_metadata(
+    config: dict[str, Any], hf: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """llama.cpp's tensors (names, Q/K rows permuted for llama) and metadata of a tiny model.
 
-    The returned HF weights are the un-permuted source weights the GGUF was made from.
-    """
-    import mlx.core as mx
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(model_type, **overrides)
-    hf = tiny_hf_weights(config, seed=seed)
+    Metadata values are Python values tagged with their GGUF type: ("u32", 3), ("f32", 1e-5),
+    ("i32[]", [...]), ("bool", False); strings and string lists as they are."""
+    model_type = config["model_type"]
     arch = {"mistral": "llama"}.get(model_type, model_type)
     nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
 
@@ -302,36 +297,151 @@ def make_tiny_gguf(
     special_ids = {t["id"] for t in tok["added_tokens"] if t["special"]}
     token_type = [3 if i in special_ids else 1 for i in range(len(tokens))]
 
-    def u32(x: int) -> mx.array:
-        return mx.array(x, dtype=mx.uint32)
-
     meta: dict[str, Any] = {
         "general.architecture": arch,
         "general.name": f"tiny-{model_type}",
-        f"{arch}.block_count": u32(config["num_hidden_layers"]),
-        f"{arch}.context_length": u32(config["max_position_embeddings"]),
-        f"{arch}.embedding_length": u32(config["hidden_size"]),
-        f"{arch}.feed_forward_length": u32(config["intermediate_size"]),
-        f"{arch}.attention.head_count": u32(nh),
-        f"{arch}.attention.head_count_kv": u32(nkv),
-        f"{arch}.attention.key_length": u32(config["head_dim"]),
-        f"{arch}.attention.value_length": u32(config["head_dim"]),
-        f"{arch}.rope.freq_base": mx.array(config["rope_theta"], dtype=mx.float32),
-        f"{arch}.attention.layer_norm_rms_epsilon": mx.array(
-            config["rms_norm_eps"], dtype=mx.float32
-        ),
-        f"{arch}.vocab_size": u32(config["vocab_size"]),
+        f"{arch}.block_count": ("u32", config["num_hidden_layers"]),
+        f"{arch}.context_length": ("u32", config["max_position_embeddings"]),
+        f"{arch}.embedding_length": ("u32", config["hidden_size"]),
+        f"{arch}.feed_forward_length": ("u32", config["intermediate_size"]),
+        f"{arch}.attention.head_count": ("u32", nh),
+        f"{arch}.attention.head_count_kv": ("u32", nkv),
+        f"{arch}.attention.key_length": ("u32", config["head_dim"]),
+        f"{arch}.attention.value_length": ("u32", config["head_dim"]),
+        f"{arch}.rope.freq_base": ("f32", config["rope_theta"]),
+        f"{arch}.attention.layer_norm_rms_epsilon": ("f32", config["rms_norm_eps"]),
+        f"{arch}.vocab_size": ("u32", config["vocab_size"]),
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "smollm",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.token_type": mx.array(token_type, dtype=mx.int32),
-        "tokenizer.ggml.bos_token_id": u32(1),
-        "tokenizer.ggml.eos_token_id": u32(2),
-        "tokenizer.ggml.unknown_token_id": u32(0),
-        "tokenizer.ggml.padding_token_id": u32(0),
-        "tokenizer.ggml.add_bos_token": mx.array(False),
+        "tokenizer.ggml.token_type": ("i32[]", token_type),
+        "tokenizer.ggml.bos_token_id": ("u32", 1),
+        "tokenizer.ggml.eos_token_id": ("u32", 2),
+        "tokenizer.ggml.unknown_token_id": ("u32", 0),
+        "tokenizer.ggml.padding_token_id": ("u32", 0),
+        "tokenizer.ggml.add_bos_token": ("bool", False),
         "tokenizer.chat_template": CHATML_TEMPLATE,
+    }
+    return tensors, meta
+
+
+def make_tiny_gguf(
+    path: str | Path, model_type: str = "llama", *, seed: int = 0, **overrides: Any
+) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """Write a tiny GGUF file the way llama.cpp does; return (path, config, HF weights).
+
+    The returned HF weights are the un-permuted source weights the GGUF was made from.
+    """
+    import mlx.core as mx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(model_type, **overrides)
+    hf = tiny_hf_weights(config, seed=seed)
+    tensors, tagged = _gguf_tensors_and_metadata(config, hf)
+    dtypes = {"u32": mx.uint32, "f32": mx.float32, "i32[]": mx.int32, "bool": mx.bool_}
+    meta = {
+        k: mx.array(v[1], dtype=dtypes[v[0]]) if isinstance(v, tuple) else v
+        for k, v in tagged.items()
     }
     mx.save_gguf(str(path), {k: mx.array(v) for k, v in tensors.items()}, meta)
     return path, config, hf
+
+
+#: Where the float16 scale fields sit in a k-quant block (ggml's block structs), so that
+#: random blocks can be made valid: random bytes there could be inf or NaN.
+K_QUANT_SCALE_OFFSETS = {
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
+
+
+def random_k_quant_blocks(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray:
+    """Random but valid ``qtype`` blocks for a (rows, cols) tensor, as GGUF stores them."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    for offset in K_QUANT_SCALE_OFFSETS[qtype]:
+        scale = rng.uniform(0.001, 0.01, size=(rows, cols // block)).astype(np.float16)
+        data[:, :, offset : offset + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
+    return data.reshape(rows, -1)
+
+
+def make_tiny_gguf_with_types(
+    path: str | Path,
+    qtype: str,
+    model_type: str = "qwen2",
+    *,
+    seed: int = 0,
+    **overrides: Any,
+) -> tuple[Path, dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A tiny GGUF written with the ``gguf`` package, its 2-D weights stored as ``qtype``
+    (norms and biases F32, as llama.cpp keeps them).  Types ``gguf.quants.quantize`` can
+    make quantize the random source weights; the k-quants (which it cannot make) are random
+    valid blocks.  Hidden and FFN sizes default to 256, the k-quant block width.
+
+    Returns (path, config, source HF weights, HF weights as stored, dequantized by the
+    ``gguf`` package and un-permuted): for k-quants the stored weights are not the source's.
+    """
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = {"hidden_size": 256, "intermediate_size": 256, "head_dim": 64}
+    config = tiny_config(model_type, **{**sizes, **overrides})
+    hf = tiny_hf_weights(config, seed=seed)
+    tensors, tagged = _gguf_tensors_and_metadata(config, hf)
+    kind = gguf.GGMLQuantizationType[qtype]
+    arch = tagged.pop("general.architecture")
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in tagged.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            tag, v = value
+            {
+                "u32": writer.add_uint32,
+                "f32": writer.add_float32,
+                "bool": writer.add_bool,
+                "i32[]": writer.add_array,
+            }[tag](key, v)
+
+    by_gguf_name = dict(zip(tensors, hf, strict=True))
+    stored: dict[str, np.ndarray] = {}
+    for n, (gname, w) in enumerate(tensors.items()):
+        if w.ndim == 1:
+            writer.add_tensor(gname, w)
+            raw, raw_kind = w, gguf.GGMLQuantizationType.F32
+        elif qtype in K_QUANT_SCALE_OFFSETS:
+            raw, raw_kind = random_k_quant_blocks(*w.shape, qtype, seed=seed + n), kind
+            writer.add_tensor(gname, raw, raw_dtype=kind)
+        else:
+            raw, raw_kind = gguf.quants.quantize(w, kind), kind
+            writer.add_tensor(gname, raw, raw_dtype=kind)
+        value = gguf.quants.dequantize(raw, raw_kind).reshape(w.shape).astype(np.float32)
+        hf_name = by_gguf_name[gname]
+        if model_type in ("llama", "mistral") and hf_name.endswith(
+            ("q_proj.weight", "k_proj.weight")
+        ):
+            heads = config["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
+            value = llama_cpp_unpermute(value, heads)
+        stored[hf_name] = value
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, config, hf, stored
+
+
+def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of :func:`llama_cpp_permute`."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
