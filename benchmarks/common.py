@@ -23,12 +23,10 @@ from mlx_lm.utils import load as mlx_lm_load
 def load_pair(model: str | None, streams_path: str | None = None):
     """(our model, tokenizer, folder, mlx-lm's model of the same folder); the default
     model when ``model`` is None."""
-    ours, tokenizer = load(model, streams_path=streams_path)
-    folder = model
-    if folder is None:
-        from mlx_specstream.default_model import default_model_path
+    from mlx_specstream.models import resolve_model
 
-        folder = str(default_model_path())
+    folder = str(resolve_model(model))
+    ours, tokenizer = load(folder, streams_path=streams_path)
     ref, _ = mlx_lm_load(folder)
     return ours, tokenizer, folder, ref
 

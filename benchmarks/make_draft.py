@@ -62,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
-    model = args.model
-    if model is None:
-        from mlx_specstream.default_model import default_model_path
+    from mlx_specstream.models import resolve_model
 
-        model = default_model_path()
+    model = resolve_model(args.model)
     out = truncate(Path(model), args.layers, Path(args.output), args.force)
     print(f"wrote {out}")
     return 0

@@ -10,6 +10,7 @@ Examples:
   mlx-specstream convert path/to/hf-folder -o models/llama-ss
   mlx-specstream convert SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2 --num-streams 3
   mlx-specstream convert path/to/hf-folder -o models/llama-ss-4bit -q --q-bits 4
+  mlx-specstream convert Qwen/Qwen2.5-Coder-0.5B-Instruct -o models/qwen-coder
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ _SPEC_OPTIONS: tuple[tuple[str, type, str], ...] = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("src", nargs="?", help="Hugging Face model folder or .gguf file")
+    parser.add_argument(
+        "src",
+        nargs="?",
+        help="Hugging Face model folder, .gguf file or built-in model name "
+        "(HuggingFaceTB/SmolLM2-135M-Instruct, Qwen/Qwen2.5-Coder-0.5B-Instruct)",
+    )
     parser.add_argument(
         "--hf-path", "--model", dest="hf_path", help="same as SRC (mlx_lm.convert's flag)"
     )

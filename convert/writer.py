@@ -288,7 +288,8 @@ def convert_checkpoint(
     progress: bool | None = None,
     keep_streams: bool = True,
 ) -> ConvertResult:
-    """Convert ``src`` (HF folder or .gguf) to a model folder ``dst``; see :func:`convert`.
+    """Convert ``src`` (HF folder, .gguf or a built-in model's name such as
+    ``Qwen/Qwen2.5-Coder-0.5B-Instruct``) to a model folder ``dst``; see :func:`convert`.
 
     keep_streams: when ``force`` replaces a folder whose streams (``specstream.safetensors``)
     fit the new model, keep them and its ``speculative_streaming`` section (calibrated tree,
@@ -297,7 +298,9 @@ def convert_checkpoint(
     tensors (default: as verbose).
     """
     t0 = time.perf_counter()
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    from ..models import resolve_source
+
+    src, dst = resolve_source(src, verbose=verbose), Path(dst).expanduser()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantize_bits is not None:

@@ -259,11 +259,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = args.model
-    if folder is None:
-        from .default_model import default_model_path
+    from .models import resolve_model
 
-        folder = default_model_path()
+    folder = resolve_model(args.model)
     prompts = None
     if args.prompts:
         from .training.distill import read_prompts

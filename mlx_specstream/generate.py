@@ -60,16 +60,15 @@ def load(
     tokenizer_config: dict | None = None,
     lazy: bool = False,
 ) -> tuple[SpecStreamModel, TokenizerWrapper]:
-    """Load a model folder (the default model when ``path`` is None).
+    """Load a model folder, or a built-in model by name (``models.BUILTIN_MODELS``; the
+    default model when ``path`` is None).
 
     Stream parameters come from ``streams_path`` (a folder with specstream.safetensors
     and optionally a config.json carrying the speculative_streaming section) or else
     from the model folder.  A plain mlx-lm folder loads with fresh, untrained streams."""
-    if path is None:
-        from .default_model import default_model_path
+    from .models import resolve_model
 
-        path = default_model_path()
-    path = Path(path)
+    path = resolve_model(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
     if not (path / "config.json").exists():

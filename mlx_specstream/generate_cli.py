@@ -46,7 +46,8 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="model folder (default: the bundled default model)",
+        help="model folder or built-in model name: HuggingFaceTB/SmolLM2-135M-Instruct "
+        "(the default) or Qwen/Qwen2.5-Coder-0.5B-Instruct",
     )
 
 

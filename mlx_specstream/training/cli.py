@@ -163,11 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mode == "task" and not args.adapter_path:
         raise ValueError("task mode changes the model: give --adapter-path (then `fuse`)")
-    model_path = args.model
-    if model_path is None:
-        from ..default_model import default_model_path
+    from ..models import resolve_model
 
-        model_path = default_model_path()
+    model_path = resolve_model(args.model)
     save_dir = Path(args.adapter_path) if args.adapter_path else Path(model_path)
     ckpt = args.checkpoint_dir
     if ckpt is None and (args.checkpoint_every or args.resume):

@@ -264,11 +264,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--self-instruct and --follow-ups take a count >= 0")
     if not 0.0 <= args.sampled_fraction <= 1.0:
         raise ValueError("--sampled-fraction is a fraction in [0, 1]")
-    model_path = args.model
-    if model_path is None:
-        from ..default_model import default_model_path
+    from ..models import resolve_model
 
-        model_path = default_model_path()
+    model_path = resolve_model(args.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, tok = load(model_path)

@@ -82,11 +82,9 @@ def fuse(
 
 
 def run(args: argparse.Namespace) -> int:
-    model_path = args.model
-    if model_path is None:
-        from ..default_model import default_model_path
+    from ..models import resolve_model
 
-        model_path = default_model_path()
+    model_path = resolve_model(args.model)
     out = fuse(model_path, args.adapter_path, args.output, args.dequantize, args.force)
     print(f"fused {args.adapter_path} into {model_path}: {out}")
     return 0
