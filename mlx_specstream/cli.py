@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("mlx_specstream.training.distill", "write self-distillation data"),
     "fuse": ("mlx_specstream.training.fuse", "merge task-mode LoRA into the weights"),
     "calibrate": ("mlx_specstream.calibrate", "measure the forward-pass cost curve"),
+    "vocab": ("mlx_specstream.vocab", "let the streams draft from the most frequent tokens"),
     "doctor": ("mlx_specstream.doctor", "show BLAS, backend and matmul speed"),
 }
 
@@ -55,6 +56,10 @@ DESCRIPTIONS: dict[str, str] = {
     "model weights.",
     "calibrate": "Measure this machine's cost of a forward pass per draft-tree size and store "
     "the fastest draft tree in the model folder.  Run it once per machine after training.",
+    "vocab": "Count the tokens of texts the model wrote (distill's train.jsonl) and let the "
+    "streams draft from the --size most frequent ones: their LM head then computes those rows "
+    "only.  Verification keeps the whole head, so the output does not change.  --size 0 "
+    "drafts from the whole vocabulary again.",
     "doctor": "Show the BLAS, the matmul backend and the matmul speed of this machine.",
 }
 

@@ -37,6 +37,10 @@ class SpecStreamConfig:
         same slots of a pass, so the tree, pruning and acceptance code is shared.
     lookup_branches: the longest context (prompt-lookup) branch added to the greedy
         draft tree when the context repeats an earlier n-gram; 0 disables.
+    draft_vocab_size: the streams draft from the first K token ids of the folder's
+        frequency ranking (``draft_vocab.safetensors``, written by ``mlx-specstream
+        vocab``): their LM head computes K rows instead of the whole vocabulary (FR-Spec).
+        Verification keeps the whole head, so the output is unchanged.  0: the whole head.
     """
 
     num_streams: int = 3
@@ -52,6 +56,7 @@ class SpecStreamConfig:
     tree_costs: list[float] | None = None
     dynamic_tree: bool = False
     lookup_branches: int = 0
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +96,9 @@ class SpecStreamConfig:
         if isinstance(self.lookup_branches, bool) or int(self.lookup_branches) < 0:
             raise ValueError(f"lookup_branches must be an int >= 0, got {self.lookup_branches}")
         self.lookup_branches = int(self.lookup_branches)
+        if isinstance(self.draft_vocab_size, bool) or int(self.draft_vocab_size) < 0:
+            raise ValueError(f"draft_vocab_size must be an int >= 0, got {self.draft_vocab_size}")
+        self.draft_vocab_size = int(self.draft_vocab_size)
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
         self.tree_topk = [int(k) for k in self.tree_topk]

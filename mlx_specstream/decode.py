@@ -163,8 +163,11 @@ def prefill(
     x = model.upper_hidden(h, positions, cache=cache, stream_rows=rows,
                            with_streams=with_streams)[0]
     cache.commit()
-    # The LM head only where it is read: the last main row and its streams.
-    return model.head(x[L - 1 :])
+    # The LM head only where it is read: the last main row and its streams (whose logits
+    # are the drafting ones: over the draft vocabulary when the folder has one).
+    if not with_streams:
+        return model.head(x[L - 1 :])
+    return mx.concatenate([model.head(x[L - 1 : L]), model.draft_logits(x[L:])])
 
 
 PREFILL_STEP = 2048  # mlx-lm's generate_step default prefill_step_size
@@ -327,7 +330,7 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
         context.extend(new_tokens)
         if with_streams:
             host = n + path[-1] * g  # the streams of the last accepted node
-            drafter.observe(model.head(x[host : host + drafter.rows]), context)
+            drafter.observe(model.draft_logits(x[host : host + drafter.rows]), context)
         for tok in new_tokens:
             if produced >= max_tokens:
                 return

@@ -31,6 +31,7 @@ from .model import SpecStreamModel
 from .sampled import sampled_autoregressive_steps, sampled_speculative_steps
 from .sampling import SamplingParams
 from .tree import product_tree
+from .vocab import VOCAB_FILE, load_draft_vocab
 
 
 @dataclass
@@ -93,6 +94,10 @@ def load(
             "output is unchanged but nothing will be accepted",
             stacklevel=2,
         )
+    # The draft vocabulary lives with the streams (or, for a streams folder without one,
+    # with the model).
+    vocab_dir = src if (src / VOCAB_FILE).exists() else path
+    model.set_draft_vocab(load_draft_vocab(vocab_dir, cfg.draft_vocab_size))
     mx.eval(model.streams.parameters())
     model.eval()
     if not lazy and mx.default_device() == mx.cpu:

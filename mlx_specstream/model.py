@@ -267,6 +267,7 @@ class SpecStreamModel(nn.Module):
         self.streams = StreamParams(base, cfg)
         self.num_layers = len(base.model.layers)
         self.split = self.num_layers - cfg.stream_layers
+        self._draft_head = None  # the LM head's draft-vocabulary rows (set_draft_vocab)
 
     # -- pieces ----------------------------------------------------------------
     @property
@@ -297,6 +298,21 @@ class SpecStreamModel(nn.Module):
 
     def stream_logits(self, stream_hidden: mx.array) -> mx.array:
         return self.head(stream_hidden)
+
+    def set_draft_vocab(self, token_ids: mx.array | None) -> None:
+        """Let the streams draft from ``token_ids`` only (see :meth:`draft_logits`); None:
+        from the whole vocabulary."""
+        from .vocab import DraftHead
+
+        self._draft_head = None if token_ids is None else DraftHead(self.base, token_ids)
+
+    def draft_logits(self, stream_hidden: mx.array) -> mx.array:
+        """Stream logits for drafting.  With a draft vocabulary only its rows of the LM head
+        are computed and every other token gets -inf: drafts hold its ids only, and proposal
+        distributions stay distributions over the whole vocabulary."""
+        if self._draft_head is None:
+            return self.head(stream_hidden)
+        return self._draft_head(_norm(self.base.model.norm, stream_hidden))
 
     def medusa_hidden(self, top: mx.array) -> mx.array:
         """Medusa heads on last hidden states (B, S, D): (B, S, g, D), head k giving

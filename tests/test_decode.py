@@ -146,6 +146,9 @@ class FakeModel:
         low = x[..., 1].astype(mx.int32)
         return self._onehot(ids) - 2.0 * self._onehot(low)
 
+    def draft_logits(self, x):
+        return self.head(x)
+
 
 def truth(prompt_last: int, n: int) -> list[int]:
     out, t = [], prompt_last
