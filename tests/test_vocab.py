@@ -103,7 +103,7 @@ def test_count_and_rank() -> None:
     assert vocab.rank_tokens(counts).tolist() == [1, 3, 5, 2, 0, 4]  # ties: lower id first
 
 
-def test_vocab_command_and_load(api_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_vocab_command_and_load(api_model_dir: Path, tmp_path: Path, capsys, drafted) -> None:
     from mlx_specstream import generate, load
     from mlx_specstream.cli import main
 
@@ -130,6 +130,11 @@ def test_vocab_command_and_load(api_model_dir: Path, tmp_path: Path, capsys) -> 
     assert plain._draft_head is None
     kw = dict(max_tokens=12, tree_topk=[2, 1])
     assert generate(model, tok, "hello", **kw) == generate(plain, tok, "hello", **kw)
+    # sampled drafting: proposal distributions are zero outside the subset
+    drafted.clear()
+    text = generate(model, tok, "hello", **kw, temp=0.8, seed=3)
+    subset = set(np.array(model._draft_head.ids).tolist())
+    assert isinstance(text, str) and drafted and set(sum(drafted, [])) <= subset
 
     vocab.set_draft_vocab_size(folder, 0)
     with warnings.catch_warnings():
