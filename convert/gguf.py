@@ -1,11 +1,14 @@
 """Read a GGUF file (llama.cpp's format) into HF-named weights, a config and a tokenizer.
 
-``mx.load`` reads GGUF directly: F32/F16/BF16 tensors as they are, Q4_0/Q4_1 as MLX 4-bit and
-Q8_0 as MLX 8-bit affine quantization with group size 32 (``.weight`` packed uint32 plus
-``.scales``/``.biases``).  This module maps llama.cpp's tensor names to Hugging Face's, undoes
-llama.cpp's Q/K row permutation for the llama architecture (llama.cpp uses interleaved
-"normal" rope there, MLX-LM's llama the half-split "neox" rope), builds config.json from the
-metadata and a byte-level BPE ``tokenizer.json`` from ``tokenizer.ggml.*``.
+``mx.load`` reads F32/F16 tensors as they are, Q4_0/Q4_1 as MLX 4-bit and Q8_0 as MLX 8-bit
+affine quantization with group size 32 (``.weight`` packed uint32 plus ``.scales``/
+``.biases``); files with any other tensor type (k-quants, Q5_0/Q5_1, BF16, which mx.load
+would turn into float16) are read through the ``gguf`` package's memory-mapped reader and
+dequantized to float32 one tensor at a time, when the writer asks for it.  This module maps
+llama.cpp's tensor names to Hugging Face's, undoes llama.cpp's Q/K row permutation for the
+llama architecture (llama.cpp uses interleaved "normal" rope there, MLX-LM's llama the
+half-split "neox" rope), builds config.json from the metadata and a byte-level BPE
+``tokenizer.json`` from ``tokenizer.ggml.*``.
 """
 
 from __future__ import annotations
