@@ -29,15 +29,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 # name -> the description `mlx-specstream NAME --help` prints (for users, not developers)
 DESCRIPTIONS: dict[str, str] = {
-    "convert": "Convert a Hugging Face model folder or a .gguf file into a model folder that\n"
-    "mlx-specstream (and mlx_lm.load) reads.  Without -o the folder is ./<source name>-mlx.\n"
+    "convert": "Convert a Hugging Face model folder, a .gguf file (any common tensor type) or a\n"
+    "built-in model by name into a model folder that mlx-specstream (and mlx_lm.load) reads.\n"
+    "Without -o the folder is ./<source name>-mlx.\n"
     "Fresh streams do not draft until trained: the command prints the distill, train and\n"
     "calibrate steps.  --force onto a folder with trained streams keeps them when they fit.\n"
     "\n"
     "examples:\n"
     "  mlx-specstream convert path/to/hf-folder -o models/llama-ss\n"
     "  mlx-specstream convert SmolLM2-135M-Instruct.Q4_1.gguf --num-streams 3\n"
-    "  mlx-specstream convert path/to/hf-folder -o models/llama-ss-4bit -q --q-bits 4",
+    "  mlx-specstream convert path/to/hf-folder -o models/llama-ss-4bit -q --q-bits 4\n"
+    "  mlx-specstream convert Qwen/Qwen2.5-Coder-0.5B-Instruct -o models/qwen-coder",
     "generate": "Generate a reply to a prompt and print it as it streams, then the speeds, "
     "tokens per forward pass (tokens from the passes after the prefill / those passes), the "
     "acceptance per draft depth and the peak memory.  The prompt goes through the chat "
