@@ -15,7 +15,7 @@ from mlx_specstream.training.data import (
     load_split,
     make_batches,
 )
-from mlx_specstream.training.loss import ngram_terms
+from mlx_specstream.training.objective import ngram_terms
 from mlx_specstream.training.trainer import (
     TrainConfig,
     evaluate,
@@ -344,7 +344,8 @@ def test_simulated_tokens_per_pass_equal_decoding(topk):
 
 
 def test_sparse_objective_equals_dense():
-    from mlx_specstream.training.trainer import sparse_targets, sparse_terms
+    from mlx_specstream.training.objective import sparse_targets
+    from mlx_specstream.training.trainer import sparse_terms
 
     model = tiny_model("llama", lora_rank=2, random_lora=True)
     rng = np.random.default_rng(0)
@@ -367,7 +368,8 @@ def test_sparse_objective_equals_dense():
 
 @pytest.mark.parametrize("method", ["streams", "medusa"])
 def test_task_sparse_objective_equals_dense(method: str):
-    from mlx_specstream.training.trainer import sparse_targets, task_sparse_terms
+    from mlx_specstream.training.objective import sparse_targets
+    from mlx_specstream.training.trainer import task_sparse_terms
 
     cfg = {"draft_method": method} if method == "medusa" else {"lora_rank": 2, "random_lora": True}
     model = tiny_model("llama", **cfg)

@@ -40,7 +40,7 @@ from ..config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
 from ..files import atomic_write, atomic_write_text, move_into_place
 from ..model import HALF_DTYPES, SpecStreamModel, build_msa_mask, causal_mask, model_dtype
 from .data import Batch, iterate_micro_batches
-from .loss import Terms, stream_names
+from .objective import SparseTargets, Terms, shifted_ce, stream_names
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -172,49 +172,6 @@ def stream_forward(model: SpecStreamModel, feats: Features) -> mx.array:
     return model.stream_logits(stream_hidden(model, feats))
 
 
-@dataclass
-class SparseTargets:
-    """The (batch, position, stream) triples that have a target, for computing the LM
-    head only where a loss is taken (no prompt or padding positions)."""
-
-    rows: mx.array  # (S,) positions that carry streams
-    flat: mx.array  # (N,) indices into the flattened (B, S, gamma) stream states
-    labels: mx.array  # (N,) target tokens
-    stream: mx.array  # (N,) stream index 0..gamma-1
-    exit_flat: mx.array  # (M,) indices into flattened (B, T) for next-token targets
-    exit_labels: mx.array  # (M,)
-
-
-def sparse_targets(tokens: np.ndarray, targets: np.ndarray, g: int) -> SparseTargets:
-    B, T = tokens.shape
-    any_t = targets.any(axis=0)
-    has = np.zeros(T, dtype=bool)
-    for j in range(1, g + 1):
-        if T - 1 - j > 0:
-            has[: T - 1 - j] |= any_t[1 + j :]
-    rows = np.nonzero(has)[0]
-    S = len(rows)
-    flat, labels, stream = [], [], []
-    for j in range(1, g + 1):
-        pos = rows + 1 + j
-        ok = pos < T
-        valid = np.zeros((B, S), dtype=bool)
-        valid[:, ok] = targets[:, pos[ok]]
-        b, si = np.nonzero(valid)
-        flat.append((b * S + si) * g + (j - 1))
-        labels.append(tokens[b, rows[si] + 1 + j])
-        stream.append(np.full(len(b), j - 1))
-    eb, et = np.nonzero(targets[:, 1:])
-    return SparseTargets(
-        rows=mx.array(rows.astype(np.int32)),
-        flat=mx.array(np.concatenate(flat).astype(np.int32)),
-        labels=mx.array(np.concatenate(labels).astype(np.int32)),
-        stream=mx.array(np.concatenate(stream).astype(np.int32)),
-        exit_flat=mx.array((eb * T + et).astype(np.int32)),
-        exit_labels=mx.array(tokens[eb, et + 1].astype(np.int32)),
-    )
-
-
 def sparse_terms(
     model: SpecStreamModel, feats: Features, st: SparseTargets, train_streams: bool,
     train_exit: bool, alphas: list[float] | None, main_logits: mx.array | None = None,
@@ -228,8 +185,6 @@ def sparse_terms(
     count: dict[str, mx.array] = {}
     loss = mx.array(0.0)
     if main_logits is not None and tokens is not None and targets is not None:
-        from .loss import shifted_ce
-
         ce["main"], correct["main"], count["main"] = shifted_ce(main_logits, tokens, targets, 1)
     if train_streams and st.flat.size:
         D = feats.h.shape[-1]
@@ -265,7 +220,9 @@ def task_sparse_terms(
     positions = mx.broadcast_to(mx.arange(T)[None], (B, T))
     h = model.lower(tokens, positions)
     streams = train_streams and st.flat.size > 0
-    x = model.upper_hidden(h, positions, None, None, st.rows if streams else None, streams)
+    x = model.upper_hidden(
+        h, positions, stream_rows=st.rows if streams else None, with_streams=streams
+    )
     D = x.shape[-1]
     ce: dict[str, mx.array] = {}
     correct: dict[str, mx.array] = {}
