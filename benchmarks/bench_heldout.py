@@ -32,14 +32,14 @@ from mlx_specstream.files import atomic_write_text
 
 from common import (
     Tally,
+    add_option_args,
     add_suite_args,
     chat_ids,
     describe_suite,
     fmt_acceptance,
     format_options,
     markdown_table,
-    named_options,
-    option_arg,
+    options_from_args,
     run_ours,
     suite_from_args,
     tally_by_category,
@@ -82,20 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                    help='product trees as "k1,k2,..." or "config"')
     add_suite_args(p, per_category=None, chitchat_prompts=30)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--option", action="append", type=option_arg, default=[],
-                   metavar="KEY=VALUE", help="stream_generate option for every row (repeatable)")
-    p.add_argument("--row", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
-                   help="one more row: a name, then its stream_generate options (repeatable)")
+    add_option_args(p, "row")
     p.add_argument("--pause", action="store_true",
                    help="keep the folder's adaptive pause (default: every pass drafts)")
     p.add_argument("--output", default=None, help="also write the tables (markdown) and a .json")
     args = p.parse_args(argv)
-    try:
-        extra_rows = [named_options(words) for words in args.row]
-    except argparse.ArgumentTypeError as e:
-        p.error(str(e))
+    options, extra_rows = options_from_args(p, args)
     prompts = suite_from_args(p, args)
-    options = dict(args.option)
 
     model, tokenizer = load(args.model, streams_path=args.streams_path)
     if not args.pause:
