@@ -29,6 +29,7 @@ from pathlib import Path
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load
 from mlx_specstream.files import atomic_write_text
+from mlx_specstream.tree import parse_tree_shape
 
 from common import (
     Tally,
@@ -55,16 +56,14 @@ def measure(model, tokenizer, prompts: list[tuple[str, str]], max_tokens: int,
 
 
 def tree_arg(text: str) -> str:
-    """A --trees entry: "config" or positive integers "k1,k2,...", else a usage error."""
-    if text != "config":
-        try:
-            ks = [int(k) for k in text.split(",")]
-        except ValueError:
-            ks = []
-        if not ks or min(ks) < 1:
-            raise argparse.ArgumentTypeError(
-                f'{text!r}: a tree is "config" or positive integers like 3,2,1')
-    return text
+    """A --trees entry: "config", or a tree shape ("3,2,1") written as "k1,k2,...", else a
+    usage error."""
+    if text == "config":
+        return text
+    try:
+        return ",".join(map(str, parse_tree_shape(text)))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}; or \"config\"") from None
 
 
 def summary(t: Tally, depth: int) -> dict:
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"config {model.cfg.tree_paths or model.cfg.tree_topk}"
             variants.append((name, tree, {}))
         else:
-            variants.append((tree, tree, {"tree_topk": [int(k) for k in tree.split(",")]}))
+            variants.append((tree, tree, {"tree_topk": parse_tree_shape(tree)}))
     variants += [(name, name, opts) for name, opts in extra_rows]
 
     g = model.cfg.num_streams

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = PROMPTS[: max(1, min(len(PROMPTS), args.clients * args.requests))]
         # 1. one client, one request per prompt: the reference outputs and latencies
         single = {
-            pr: request(port, pr, args.max_tokens, False, chat, args.timeout) for pr in prompts
+            pr: request(port, pr, args.max_tokens, stream=False, chat=chat, timeout=args.timeout)
+            for pr in prompts
         }
         bad = [r for r in single.values() if r.error]
         if bad:

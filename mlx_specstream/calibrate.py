@@ -59,8 +59,8 @@ def measure_cost(
         pos = mx.arange(off, off + n)
         mask = causal_mask(n) if n > 1 else None
         t = time.perf_counter()
-        h = model.lower(toks, pos, mask, cache)
-        main, sh = model.upper(h, pos, mask, cache, None, streams)
+        h = model.lower(toks, pos, mask=mask, cache=cache)
+        main, sh = model.upper(h, pos, mask=mask, cache=cache, with_streams=streams)
         pred = mx.argmax(main[0], axis=-1)
         if sh is not None:  # the decoder reads out one node's streams per step
             mx.eval(pred, mx.argmax(model.stream_logits(sh[0, -1]), axis=-1))
@@ -68,7 +68,7 @@ def measure_cost(
             mx.eval(pred)
         np.array(pred)
         dt = time.perf_counter() - t
-        cache.pending = [0] * cache.num_layers  # discard: nothing committed
+        cache.commit([])  # keep none of the pending rows: nothing is committed
         return dt
 
     def best_of(n: int, streams: bool) -> float:
@@ -111,7 +111,7 @@ def acceptance_stats(
         positions = mx.arange(len(seq))
         h = model.lower(tokens, positions)
         rows = mx.arange(first, last + 1)
-        _, sh = model.upper(h, positions, None, None, rows, True)
+        _, sh = model.upper(h, positions, stream_rows=rows)
         logits = model.stream_logits(sh[0])  # (H, g, V)
         H = last - first + 1
         # target of stream j at host t: seq[t + 2 + j]  (j = 0..g-1)

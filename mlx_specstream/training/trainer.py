@@ -422,7 +422,8 @@ def evaluate(
         feats = None
         if tc.mode == "lossless":
             feats = frozen_features(model, mx.array(batch.tokens), with_main=True)
-        terms = _terms_for(model, tc, batch, feats, True, True, True)
+        terms = _terms_for(model, tc, batch, feats, train_streams=True, train_exit=True,
+                           with_main=True)
         mx.eval(terms.ce, terms.correct, terms.count)
         for name in terms.ce:
             s = sums.setdefault(name, [0.0, 0.0, 0.0])
@@ -581,7 +582,8 @@ def run_phase(
 
     def loss_fn(m: SpecStreamModel):
         batch, feats = ctx["batch"], ctx["feats"]
-        terms = _terms_for(m, tc, batch, feats, train_streams, train_exit, tc.mode == "task")
+        terms = _terms_for(m, tc, batch, feats, train_streams=train_streams,
+                           train_exit=train_exit, with_main=tc.mode == "task")
         names = list(terms.ce)
         ce = mx.stack([terms.ce[k] for k in names])
         cnt = mx.stack([terms.count[k] for k in names])
@@ -677,8 +679,8 @@ def train(
         curve.append({"step": step, "examples": seen, **m})
 
     report["streams_phase"] = run_phase(
-        model, train_batches, tc, "streams", steps, tc.streams, joint, cache, log=log,
-        progress=progress, on_eval=on_eval if valid_batches else None,
+        model, train_batches, tc, "streams", steps, train_streams=tc.streams, train_exit=joint,
+        cache=cache, log=log, progress=progress, on_eval=on_eval if valid_batches else None,
     )
     if curve:
         report["curve"] = curve
@@ -687,8 +689,8 @@ def train(
     if tc.exit_phase == "after" and tc.streams and not stopped:
         exit_steps = tc.exit_iters or steps
         report["exit_phase"] = run_phase(
-            model, train_batches, tc, "exit", exit_steps, False, True, cache,
-            lr=tc.exit_lr, log=log, progress=progress,
+            model, train_batches, tc, "exit", exit_steps, train_streams=False, train_exit=True,
+            cache=cache, lr=tc.exit_lr, log=log, progress=progress,
         )
     streams_to_model_dtype(model)
     model.freeze()
