@@ -51,7 +51,7 @@ def test_ngram_loss_shifts():
     eye = mx.eye(V) * 50
     main = eye[(tokens + 1) % V]
     streams = mx.stack([eye[(tokens + 1 + j) % V] for j in (1, 2)], axis=2)
-    t = ngram_terms(tokens, targets, main, streams, None)
+    t = ngram_terms(tokens, targets, main, streams, exit_logits=None)
     assert t.count["main"].item() == 4 and t.count["s1"].item() == 3 and t.count["s2"].item() == 2
     for k in ("main", "s1", "s2"):
         assert t.correct[k].item() == t.count[k].item()
@@ -328,8 +328,9 @@ def test_sparse_objective_equals_dense():
     feats = frozen_features(model, mx.array(tokens), with_main=True)
     dense = ngram_terms(mx.array(tokens), mx.array(targets), feats.main_logits,
                         stream_forward(model, feats), model.exit_logits(feats.h))
-    sparse = sparse_terms(model, feats, sparse_targets(tokens, targets, 3), True, True, None,
-                          feats.main_logits, mx.array(tokens), mx.array(targets))
+    sparse = sparse_terms(model, feats, sparse_targets(tokens, targets, 3), train_streams=True,
+                          train_exit=True, alphas=None, main_logits=feats.main_logits,
+                          tokens=mx.array(tokens), targets=mx.array(targets))
     for k in ("main", "s1", "s2", "s3", "exit"):
         assert sparse.count[k].item() == dense.count[k].item(), k
         assert abs(sparse.ce[k].item() - dense.ce[k].item()) < 1e-3, k
@@ -352,9 +353,9 @@ def test_task_sparse_objective_equals_dense(method: str):
     targets[2, 2:6] = True
     toks = mx.array(tokens)
     main, sl, el = model(toks, with_streams=True, with_exit=True)
-    dense = ngram_terms(toks, mx.array(targets), main, sl, el, 1.0, None)
-    sparse = task_sparse_terms(model, toks, sparse_targets(tokens, targets, 3), True, True,
-                               1.0, None)
+    dense = ngram_terms(toks, mx.array(targets), main, sl, el)
+    sparse = task_sparse_terms(model, toks, sparse_targets(tokens, targets, 3), train_streams=True,
+                               train_exit=True, alpha0=1.0, alphas=None)
     for k in ("main", "s1", "s2", "s3", "exit"):
         assert sparse.count[k].item() == dense.count[k].item(), k
         assert abs(sparse.ce[k].item() - dense.ce[k].item()) < 1e-3, k
