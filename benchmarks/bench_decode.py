@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py [--model PATH] [--per-category 3] [--max-tokens 128]
     python benchmarks/bench_decode.py --peers --tag peers     # + every peer method
-    python benchmarks/bench_decode.py --suite chitchat --prompts 10   # the former prompt set
+    python benchmarks/bench_decode.py --suite chitchat --prompts 10   # held-out chitchat only
     python benchmarks/bench_decode.py --categories coding,summarising --per-category 5 \
         --row "SS [3,2,1] + context drafts" tree_topk=3,2,1 lookup_branches=2
 

@@ -1,5 +1,5 @@
 """Tokens per forward pass of greedy Speculative Streaming, per prompt category: the
-figure the trained streams are judged by (issue 4: >= 2.5 on the held-out chitchat
+figure the trained streams are judged by (the target: >= 2.5 on the held-out chitchat
 prompts, ``--suite chitchat``, with gamma 3 and the product tree [3, 2, 1]).  Counts the
 passes after the prefill, each of which yields at least one token; the adaptive pause is
 off unless ``--pause`` (it trades passes for speed, not acceptance).

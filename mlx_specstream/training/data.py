@@ -135,10 +135,6 @@ class Batch:
     tokens: np.ndarray  # (B, T) int32, right-padded
     targets: np.ndarray  # (B, T) bool: token t is a training target (t >= offset, t < len)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.size)
-
     def sparse(self, num_streams: int) -> SparseTargets:
         """The target triples of the lossless objective (cached per stream count)."""
         cache = self.__dict__.setdefault("_sparse", {})

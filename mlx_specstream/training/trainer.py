@@ -322,10 +322,6 @@ def _has_lora(base: nn.Module) -> bool:
     return any(hasattr(m, "lora_a") for _, m in base.named_modules())
 
 
-def count_parameters(tree: Any) -> int:
-    return sum(v.size for _, v in tree_flatten(tree))
-
-
 # -- evaluation ---------------------------------------------------------------------
 def _terms_for(
     model: SpecStreamModel, tc: TrainConfig, batch: Batch, feats: Features | None,
