@@ -249,12 +249,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--streams-path", default=None,
                    help="a streams folder used with the model (its config gets the tree)")
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=16,
+                   help="prompts to measure acceptance on (default 16)")
     p.add_argument("--prompts", default=None,
                    help="a .txt (one prompt a line) or .jsonl file of prompts from the domain "
                         "the streams serve (e.g. distill's valid.jsonl; never the evaluation "
                         "set); the first --num-prompts are used (default: held-out chitchat)")
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=96,
+                   help="tokens generated per prompt (default 96)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
 
 
