@@ -188,6 +188,28 @@ def test_train_cli_saves_streams_and_loads(tiny_folder: Path, tmp_path: Path):
         assert mx.array_equal(v, saved[k]).item()
 
 
+@pytest.mark.parametrize("valid", ["empty", "absent"])
+def test_train_cli_without_validation_records(tiny_folder: Path, tmp_path: Path, capsys,
+                                              valid: str):
+    """A distill run of fewer than 20 answers writes an empty valid.jsonl: training runs
+    without validation and says so, as when the file is absent."""
+    from mlx_specstream.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": "hi", "completion": "Hello there! How are you today?"}]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    if valid == "empty":
+        (data / "valid.jsonl").write_text("")
+    rc = main(["train", "--model", str(tiny_folder), "--data", str(data), "--adapter-path",
+               str(tmp_path / "streams"), "--iters", "1", "--num-streams", "2",
+               "--stream-layers", "1", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "training without validation" in out and "0 valid records" in out
+    assert (tmp_path / "streams" / STREAMS_FILE).exists()
+
+
 def test_save_streams_into_model_folder_keeps_config(tiny_folder: Path, tmp_path: Path):
     import shutil
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import SpecStreamConfig
 from ..files import atomic_write_text
 from ..tree import add_tree_topk_argument
-from .data import load_split, make_batches
+from .data import load_jsonl, load_split, make_batches
 from .trainer import TrainConfig, prepare_model, save_streams, save_task_adapters, train
 
 
@@ -226,10 +226,14 @@ def run(args: argparse.Namespace) -> int:
                           max_seq_len=args.max_seq_len, limit=limit)
 
     train_ex = split("train", args.max_train)
-    try:
+    # A small distill run can leave valid.jsonl empty (it holds every 20th answer):
+    # train then runs without validation, as without the file.
+    valid_path = Path(args.data) / "valid.jsonl"
+    valid_ex = []
+    if valid_path.is_file() and load_jsonl(valid_path):
         valid_ex = split("valid", args.max_valid)
-    except FileNotFoundError:
-        valid_ex = []
+    else:
+        print(f"no records in {valid_path}: training without validation")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_b = make_batches(train_ex, args.batch_tokens, pad)
     valid_b = make_batches(valid_ex, args.batch_tokens, pad) if valid_ex else []
