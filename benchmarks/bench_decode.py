@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+from mlx_specstream.files import atomic_write, atomic_write_text
 
 import mlx.core as mx
 from common import (
@@ -130,7 +131,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     ax[1].set_yticklabels([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110))
 
 
 BASELINES = ("mlx-lm autoregressive", "ours autoregressive")
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     text = header + "\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n"
     print(text, end="")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(
+    atomic_write_text(RESULTS / f"{args.tag}.json", json.dumps(
         {"header": header, "options": options,
          "rows": [asdict(r) | {"tps": r.tps, "tokens_per_pass": r.tokens_per_pass}
                   for r in rows.values()],
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                                  for c, t in cats.items()}
                           for name, cats in by_cat.items()}},
         indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(text)
+    atomic_write_text(RESULTS / f"{args.tag}.md", text)
     plot(list(rows.values()), RESULTS / f"{args.tag}.png", header)
     print(f"wrote {RESULTS / args.tag}.{{json,md,png}}")
     return 0

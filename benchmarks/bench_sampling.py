@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+from mlx_specstream.files import atomic_write_text
 
 import mlx.core as mx
 from common import Method, Tally, chat_prompts, load_pair, run_mlx_lm, run_ours
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, r in rows.items()
         ],
     }
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{args.tag}.json", json.dumps(payload, indent=2))
+    atomic_write_text(RESULTS / f"{args.tag}.md", header + "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {RESULTS / args.tag}.{{json,md}}")
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load
 from mlx_specstream.calibrate import calibrate_folder
+from mlx_specstream.files import atomic_write, atomic_write_text
 
 import mlx.core as mx
 from common import Tally, run_mlx_lm, run_ours
@@ -126,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"header": header, "rows": results},
+    atomic_write_text(RESULTS / f"{args.tag}.json", json.dumps({"header": header, "rows": results},
                                                          indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{args.tag}.md", header + "\n\n" + "\n".join(lines) + "\n")
     plot(results, RESULTS / f"{args.tag}.png", header)
     print(f"wrote {RESULTS / args.tag}.{{json,md,png}}")
     return 0
@@ -155,7 +156,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         a.set_yticklabels([])
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110))
 
 
 if __name__ == "__main__":

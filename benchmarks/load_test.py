@@ -26,6 +26,7 @@ from typing import Any
 
 import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 from mlx_specstream import load
+from mlx_specstream.files import atomic_write_text
 from mlx_specstream.server import make_server
 
 PROMPTS = [
@@ -244,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" ({len(mismatches)} differ)" if mismatches else "")
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_text(args.json, json.dumps(summary, indent=2))
     return 0 if summary["outputs_equal_single_client"] else 1
 
 

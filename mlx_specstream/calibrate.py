@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import CONFIG_KEY
-from .files import atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .model import SpecStreamModel, causal_mask
 from .tree import best_paths
 
@@ -179,7 +179,7 @@ def plot(result: dict[str, object], path: Path) -> None:
     ax[1].plot([best["nodes"]], [best["speedup"]], "r*", ms=12)
     fig.suptitle(result.get("machine", ""), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110))
 
 
 def machine_id() -> str:
