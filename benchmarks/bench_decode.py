@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py [--model PATH] [--per-category 3] [--max-tokens 128]
     python benchmarks/bench_decode.py --peers --tag peers     # + every peer method
-    python benchmarks/bench_decode.py --suite chitchat --prompts 10   # the former prompt set
+    python benchmarks/bench_decode.py --suite chitchat --prompts 10   # held-out chitchat only
     python benchmarks/bench_decode.py --categories coding,summarising --per-category 5 \
         --row "SS [3,2,1] + context drafts" tree_topk=3,2,1 lookup_branches=2
 
@@ -35,18 +35,19 @@ import dataclasses
 import json
 import platform
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
+from mlx_specstream.files import atomic_write, atomic_write_text
 
 import mlx.core as mx
 from common import (
     Run,
     Tally,
+    add_option_args,
     add_suite_args,
     chat_ids,
     describe_suite,
@@ -54,8 +55,7 @@ from common import (
     format_options,
     load_pair,
     markdown_table,
-    named_options,
-    option_arg,
+    options_from_args,
     run_mlx_lm,
     run_ours,
     suite_from_args,
@@ -68,47 +68,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
-class Row:
-    method: str
+class Row(Tally):
+    """A method's tally over all prompts, with what the main table adds to it."""
+
+    method: str = ""
     extra_parameters: int = 0
     peak_memory_gb: float = 0.0
-    tokens: int = 0
-    seconds: float = 0.0
-    passes: int = 0
-    step_tokens: int = 0
     identical: int = 0
-    prompts: int = 0
     extra: dict = field(default_factory=dict)
-
-    @property
-    def tps(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def tokens_per_pass(self) -> float:
-        return self.step_tokens / self.passes if self.passes else 0.0
-
-
-def run_mlx_lm_draft(model, draft, tokenizer, num_draft: int) -> Callable[[list[int], int], Run]:
-    """mlx-lm's own two-model speculative decoding (greedy)."""
-    from mlx_lm.generate import stream_generate as mlx_stream
-
-    eos = set(tokenizer.eos_token_ids)
-
-    def go(ids: list[int], n: int) -> Run:
-        toks: list[int] = []
-        t0 = None
-        for r in mlx_stream(model, tokenizer, ids, max_tokens=n, draft_model=draft,
-                            num_draft_tokens=num_draft):
-            if t0 is None:
-                t0 = time.perf_counter()
-            if r.token in eos:
-                break
-            toks.append(r.token)
-        # mlx-lm reports no pass count: the target runs once per draft round
-        return Run(toks, time.perf_counter() - t0, 0)
-
-    return go
 
 
 def child_mlx_lm(folder: str, prompts: list[list[int]], n: int) -> Row:
@@ -127,13 +94,10 @@ def child_mlx_lm(folder: str, prompts: list[list[int]], n: int) -> Row:
                              timeout=3600)
     finally:
         os.unlink(f.name)
-    row = Row("mlx-lm autoregressive, OpenBLAS without the shim (child process)")
+    row = Row(method="mlx-lm autoregressive, OpenBLAS without the shim (child process)")
     for toks, secs in json.loads(out.stdout.strip().splitlines()[-1]):
-        row.prompts += 1
-        row.tokens += max(len(toks) - 1, 0)
-        row.seconds += secs
-        row.passes += max(len(toks) - 1, 0)
-        row.step_tokens += max(len(toks) - 1, 0)
+        passes = max(len(toks) - 1, 0)
+        row.add(Run(toks, secs, passes, passes))
         row.extra["tokens"] = row.extra.get("tokens", []) + [toks]
     return row
 
@@ -167,7 +131,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     ax[1].set_yticklabels([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110))
 
 
 BASELINES = ("mlx-lm autoregressive", "ours autoregressive")
@@ -195,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams-path", default=None, help="streams to use instead of the folder's")
     add_suite_args(p, per_category=3, chitchat_prompts=10)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--option", action="append", type=option_arg, default=[],
-                   metavar="KEY=VALUE", help="stream_generate option for every SS row (repeatable)")
-    p.add_argument("--row", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
-                   help="one more SS row: a name, then its stream_generate options (repeatable)")
+    add_option_args(p, "SS row")
     p.add_argument("--no-pause", action="store_true",
                    help="turn the adaptive pause off (every speculative pass drafts)")
     p.add_argument("--tree-topk", action="append", default=None,
@@ -225,12 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([[r.tokens, r.seconds] for r in (go(x, args.max_tokens) for x in ids)]))
         return 0
 
-    try:
-        extra_rows = [named_options(words) for words in args.row]
-    except argparse.ArgumentTypeError as e:
-        p.error(str(e))
+    options, extra_rows = options_from_args(p, args)
     suite = suite_from_args(p, args)
-    options = dict(args.option)
 
     model, tokenizer, folder, ref_model = load_pair(args.model, args.streams_path)
     if args.no_pause:
@@ -274,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             draft = truncated_draft(folder, args.draft_layers)
             name = f"mlx-lm two-model (draft = first {args.draft_layers} layers, undistilled)"
-        methods[name] = run_mlx_lm_draft(ref_model, draft, tokenizer, 3)
+        methods[name] = run_mlx_lm(ref_model, tokenizer, draft_model=draft, num_draft_tokens=3)
         extra[name] = sum(v.size for _, v in tree_flatten(draft.parameters()))
     if args.dynamic:
         methods["SS dynamic chain"] = ss(dynamic_tree=True)
@@ -289,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         methods[name] = ss(**opts)
         extra[name] = extra[default_name]
 
-    rows = {name: Row(name, extra_parameters=extra.get(name, 0)) for name in methods}
+    rows = {name: Row(method=name, extra_parameters=extra.get(name, 0)) for name in methods}
     base_gb = sum(v.nbytes for _, v in tree_flatten(ref_model.parameters())) / 1e9
     weights_gb = {name: base_gb + 4 * extra.get(name, 0) / 1e9 for name in methods}
     # warm-up (allocations, first-call costs)
@@ -310,13 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             if ref is None:
                 ref = r.tokens
                 refs.append(ref)
-            row = rows[name]
-            row.prompts += 1
-            row.tokens += max(len(r.tokens) - 1, 0)  # the first token comes from the prefill
-            row.seconds += r.seconds
-            row.passes += r.passes
-            row.step_tokens += r.step_tokens
-            row.identical += int(r.tokens == ref)
+            rows[name].add(r)
+            rows[name].identical += int(r.tokens == ref)
             runs[name].append((cat, r))
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
 
@@ -353,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     text = header + "\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n"
     print(text, end="")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(
+    atomic_write_text(RESULTS / f"{args.tag}.json", json.dumps(
         {"header": header, "options": options,
          "rows": [asdict(r) | {"tps": r.tps, "tokens_per_pass": r.tokens_per_pass}
                   for r in rows.values()],
@@ -363,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                                  for c, t in cats.items()}
                           for name, cats in by_cat.items()}},
         indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(text)
+    atomic_write_text(RESULTS / f"{args.tag}.md", text)
     plot(list(rows.values()), RESULTS / f"{args.tag}.png", header)
     print(f"wrote {RESULTS / args.tag}.{{json,md,png}}")
     return 0

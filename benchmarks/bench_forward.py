@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                 off = cache.offset
                 pos = mx.arange(off, off + n)
                 mask = causal_mask(n) if n > 1 else None
-                h = model.lower(toks, pos, mask, cache)
-                main, sh = model.upper(h, pos, mask, cache, None, with_streams)
+                h = model.lower(toks, pos, mask=mask, cache=cache)
+                main, sh = model.upper(h, pos, mask=mask, cache=cache, with_streams=with_streams)
                 # the decoder reads out only the accepted node's streams: one row
                 mx.eval(main, model.stream_logits(sh[:, -1]) if sh is not None else main)
-                cache.pending = [0] * cache.num_layers
+                cache.commit([])  # keep none of the pending rows
             return f
 
         t_ref = timeit(ref_pass, args.repeat) * 1e3

@@ -1,5 +1,5 @@
 """Tokens per forward pass of greedy Speculative Streaming, per prompt category: the
-figure the trained streams are judged by (issue 4: >= 2.5 on the held-out chitchat
+figure the trained streams are judged by (the target: >= 2.5 on the held-out chitchat
 prompts, ``--suite chitchat``, with gamma 3 and the product tree [3, 2, 1]).  Counts the
 passes after the prefill, each of which yields at least one token; the adaptive pause is
 off unless ``--pause`` (it trades passes for speed, not acceptance).
@@ -29,17 +29,18 @@ from pathlib import Path
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load
 from mlx_specstream.files import atomic_write_text
+from mlx_specstream.tree import parse_tree_shape
 
 from common import (
     Tally,
+    add_option_args,
     add_suite_args,
     chat_ids,
     describe_suite,
     fmt_acceptance,
     format_options,
     markdown_table,
-    named_options,
-    option_arg,
+    options_from_args,
     run_ours,
     suite_from_args,
     tally_by_category,
@@ -55,16 +56,14 @@ def measure(model, tokenizer, prompts: list[tuple[str, str]], max_tokens: int,
 
 
 def tree_arg(text: str) -> str:
-    """A --trees entry: "config" or positive integers "k1,k2,...", else a usage error."""
-    if text != "config":
-        try:
-            ks = [int(k) for k in text.split(",")]
-        except ValueError:
-            ks = []
-        if not ks or min(ks) < 1:
-            raise argparse.ArgumentTypeError(
-                f'{text!r}: a tree is "config" or positive integers like 3,2,1')
-    return text
+    """A --trees entry: "config", or a tree shape ("3,2,1") written as "k1,k2,...", else a
+    usage error."""
+    if text == "config":
+        return text
+    try:
+        return ",".join(map(str, parse_tree_shape(text)))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}; or \"config\"") from None
 
 
 def summary(t: Tally, depth: int) -> dict:
@@ -82,20 +81,13 @@ def main(argv: list[str] | None = None) -> int:
                    help='product trees as "k1,k2,..." or "config"')
     add_suite_args(p, per_category=None, chitchat_prompts=30)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--option", action="append", type=option_arg, default=[],
-                   metavar="KEY=VALUE", help="stream_generate option for every row (repeatable)")
-    p.add_argument("--row", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
-                   help="one more row: a name, then its stream_generate options (repeatable)")
+    add_option_args(p, "row")
     p.add_argument("--pause", action="store_true",
                    help="keep the folder's adaptive pause (default: every pass drafts)")
     p.add_argument("--output", default=None, help="also write the tables (markdown) and a .json")
     args = p.parse_args(argv)
-    try:
-        extra_rows = [named_options(words) for words in args.row]
-    except argparse.ArgumentTypeError as e:
-        p.error(str(e))
+    options, extra_rows = options_from_args(p, args)
     prompts = suite_from_args(p, args)
-    options = dict(args.option)
 
     model, tokenizer = load(args.model, streams_path=args.streams_path)
     if not args.pause:
@@ -108,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"config {model.cfg.tree_paths or model.cfg.tree_topk}"
             variants.append((name, tree, {}))
         else:
-            variants.append((tree, tree, {"tree_topk": [int(k) for k in tree.split(",")]}))
+            variants.append((tree, tree, {"tree_topk": parse_tree_shape(tree)}))
     variants += [(name, name, opts) for name, opts in extra_rows]
 
     g = model.cfg.num_streams

@@ -7,7 +7,8 @@ temperatures, against mlx-lm's own autoregressive sampling.
 Every method decodes the same held-out chat prompts on the same machine, interleaved
 (each prompt runs every method before the next one) so that drift hits all alike.
 Prompt i is seeded with seed i in every method.  The reference is mlx-lm's
-``generate_step`` with ``make_sampler(temp=ref_temp)``.  Prints a table (tokens/s,
+``stream_generate`` (detokenizing, like ours) with ``make_sampler(temp=ref_temp)``.
+Prints a table (tokens/s,
 ratio to the reference, tokens per forward pass, acceptance per depth) and writes
 JSON + Markdown to benchmarks/results/.
 """
@@ -18,102 +19,22 @@ import argparse
 import json
 import platform
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
-from mlx_specstream import stream_generate
+from mlx_specstream.files import atomic_write_text
 
 import mlx.core as mx
-from common import chat_prompts, load_pair
-from mlx_lm.generate import generate_step
+from common import Method, Tally, chat_prompts, load_pair, run_mlx_lm, run_ours
 from mlx_lm.sample_utils import make_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@dataclass
-class Run:
-    tokens: int  # generated tokens after the first (the first comes from the prefill)
-    seconds: float  # from the first generated token to the last
-    passes: int  # forward passes after the prefill
-    accepted: list[int] = field(default_factory=list)
-    step_tokens: int = 0  # tokens those passes produced (DecodeStats.step_tokens, EOS included)
-
-
-@dataclass
-class Row:
-    method: str
-    tokens: int = 0
-    seconds: float = 0.0
-    passes: int = 0
-    step_tokens: int = 0
-    accepted: list[int] = field(default_factory=list)
-
-    def add(self, r: Run) -> None:
-        self.tokens += r.tokens
-        self.seconds += r.seconds
-        self.passes += r.passes
-        self.step_tokens += r.step_tokens
-        if r.accepted:
-            if len(self.accepted) < len(r.accepted):
-                self.accepted += [0] * (len(r.accepted) - len(self.accepted))
-            for d, a in enumerate(r.accepted):
-                self.accepted[d] += a
-
-    @property
-    def tps(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def tokens_per_pass(self) -> float:
-        """DecodeStats.tokens_per_pass over the runs: tokens of the passes after the prefill."""
-        return self.step_tokens / self.passes if self.passes else 0.0
-
-    def acceptance(self) -> str:
-        if not self.accepted or not self.passes:
-            return "-"
-        return " ".join(f"{100.0 * a / self.passes:.0f}%" for a in self.accepted)
-
-
-Method = Callable[[list[int], int, int], Run]
-
-
-def run_mlx_lm(model, eos: set[int], temp: float) -> Method:
-    def go(ids: list[int], n: int, seed: int) -> Run:
-        mx.random.seed(seed)
-        count, t0 = 0, None
-        for tok, _ in generate_step(mx.array(ids), model, max_tokens=n, sampler=make_sampler(temp)):
-            if t0 is None:
-                t0 = time.perf_counter()
-            if int(tok) in eos:
-                break
-            count += 1
-        return Run(max(count - 1, 0), time.perf_counter() - t0, max(count - 1, 0))
-
-    return go
-
-
-def run_ours(model, tokenizer, **opts) -> Method:
-    eos = set(tokenizer.eos_token_ids)
-
-    def go(ids: list[int], n: int, seed: int) -> Run:
-        count, t0, last = 0, None, None
-        for r in stream_generate(model, tokenizer, ids, n, seed=seed, **opts):
-            if t0 is None:
-                t0 = time.perf_counter()
-            last = r
-            if r.token not in eos:
-                count += 1
-        passes = last.forward_passes if last else 0
-        step_tokens = round(last.tokens_per_pass * passes) if last else 0
-        accepted = list(last.accepted_per_depth) if last else []
-        return Run(max(count - 1, 0), time.perf_counter() - t0, passes, accepted, step_tokens)
-
-    return go
+def acceptance_percent(t: Tally) -> str:
+    return " ".join(f"{100.0 * a:.0f}%" for a in t.acceptance) or "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ref_name = f"mlx-lm autoregressive temp {args.ref_temp}"
     methods: dict[str, Method] = {
-        ref_name: run_mlx_lm(ref_model, set(tokenizer.eos_token_ids), args.ref_temp)
+        ref_name: run_mlx_lm(ref_model, tokenizer, sampler=make_sampler(args.ref_temp))
     }
     if args.ours_ar:
         methods[f"ours autoregressive temp {args.ref_temp}"] = run_ours(
@@ -142,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in temps:
         methods[f"SS temp {t}"] = run_ours(model, tokenizer, temp=t)
 
-    rows = {name: Row(name) for name in methods}
+    rows = {name: Tally() for name in methods}
     for go in methods.values():  # warm-up (allocations, first-call costs)
         go(prompts[0][:32], 8, 0)
     for i, ids in enumerate(prompts):
@@ -155,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| method | tokens/s | vs {ref_name} | tokens/pass | acceptance per depth |",
         "|---|---|---|---|---|",
     ]
-    for r in rows.values():
+    for name, r in rows.items():
         ratio = r.tps / base if base else 0.0
         lines.append(
-            f"| {r.method} | {r.tps:.2f} | {ratio:.2f}x | {r.tokens_per_pass:.2f} | "
-            f"{r.acceptance()} |"
+            f"| {name} | {r.tps:.2f} | {ratio:.2f}x | {r.tokens_per_pass:.2f} | "
+            f"{acceptance_percent(r)} |"
         )
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -173,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "header": header,
         "rows": [
-            asdict(r) | {"tps": r.tps, "tokens_per_pass": r.tokens_per_pass} for r in rows.values()
+            {"method": name} | asdict(r) | {"tps": r.tps, "tokens_per_pass": r.tokens_per_pass}
+            for name, r in rows.items()
         ],
     }
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{args.tag}.json", json.dumps(payload, indent=2))
+    atomic_write_text(RESULTS / f"{args.tag}.md", header + "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {RESULTS / args.tag}.{{json,md}}")
     return 0
 

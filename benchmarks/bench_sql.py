@@ -25,9 +25,10 @@ from pathlib import Path
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load
 from mlx_specstream.calibrate import calibrate_folder
+from mlx_specstream.files import atomic_write, atomic_write_text
 
 import mlx.core as mx
-from common import run_mlx_lm, run_ours
+from common import Tally, run_mlx_lm, run_ours
 from mlx_lm.utils import load as mlx_lm_load
 from sql_data import normalize_sql, same_result
 
@@ -71,46 +72,38 @@ def main(argv: list[str] | None = None) -> int:
                              max_tokens=args.max_tokens, progress=False)
         model, tok = load(folder)
         ref, _ = mlx_lm_load(str(folder))
-        row = {"method": name, "folder": str(folder), "examples": 0, "exact": 0, "execution": 0,
-               "tokens": 0, "seconds": 0.0, "ar_seconds": 0.0, "ar_tokens": 0, "passes": 0,
-               "step_tokens": 0, "identical": 0,
-               "extra_parameters": int(sum(v.size for v in model.stream_parameters().values()))
-               if spec else 0, "tree_nodes": None}
+        extra_parameters = (int(sum(v.size for v in model.stream_parameters().values()))
+                            if spec else 0)
+        tree_nodes = None
         if spec:
             from mlx_specstream.decode import default_tree
 
-            row["tree_nodes"] = default_tree(model.cfg).size
+            tree_nodes = default_tree(model.cfg).size
         warm = tok.apply_chat_template([{"role": "user", "content": "hi"}],
                                        add_generation_prompt=True)
         run_ref, run_spec = run_mlx_lm(ref, tok), run_ours(model, tok)
         run_ref(warm, 4)
         run_spec(warm, 4)
+        ours, ar = Tally(), Tally()
+        exact = execution = identical = 0
         for ex in tests:
             ids = tok.apply_chat_template(ex["messages"][:1], add_generation_prompt=True)
             gold = ex["messages"][1]["content"]
-            ar = run_ref(ids, args.max_tokens)
-            ar_toks, ar_s = ar.tokens, ar.seconds
-            if spec:
-                r = run_spec(ids, args.max_tokens)
-                toks, secs, passes, step = r.tokens, r.seconds, r.passes, r.step_tokens
-            else:
-                toks, secs = ar_toks, ar_s
-                passes = step = max(len(toks) - 1, 0)
-            text = tok.decode(toks)
-            row["examples"] += 1
-            row["exact"] += int(normalize_sql(text) == normalize_sql(gold))
-            row["execution"] += int(same_result(con, text, gold))
-            row["tokens"] += max(len(toks) - 1, 0)
-            row["seconds"] += secs
-            row["ar_tokens"] += max(len(ar_toks) - 1, 0)
-            row["ar_seconds"] += ar_s
-            row["passes"] += passes
-            row["step_tokens"] += step
-            row["identical"] += int(toks == ar_toks)
-        row["tps"] = row["tokens"] / row["seconds"]
-        row["ar_tps"] = row["ar_tokens"] / row["ar_seconds"]
-        row["speedup"] = row["tps"] / row["ar_tps"]
-        row["call_reduction"] = row["step_tokens"] / max(row["passes"], 1)
+            ar_run = run_ref(ids, args.max_tokens)
+            run = run_spec(ids, args.max_tokens) if spec else ar_run
+            text = tok.decode(run.tokens)
+            exact += int(normalize_sql(text) == normalize_sql(gold))
+            execution += int(same_result(con, text, gold))
+            identical += int(run.tokens == ar_run.tokens)
+            ours.add(run)
+            ar.add(ar_run)
+        row = {"method": name, "folder": str(folder), "examples": ours.prompts, "exact": exact,
+               "execution": execution, "tokens": ours.tokens, "seconds": ours.seconds,
+               "ar_seconds": ar.seconds, "ar_tokens": ar.tokens, "passes": ours.passes,
+               "step_tokens": ours.step_tokens, "identical": identical,
+               "extra_parameters": extra_parameters, "tree_nodes": tree_nodes,
+               "tps": ours.tps, "ar_tps": ar.tps, "speedup": ours.tps / ar.tps,
+               "call_reduction": ours.step_tokens / max(ours.passes, 1)}
         results.append(row)
         print(f"{name}: exact {row['exact']}/{row['examples']}, speed-up {row['speedup']:.2f}x",
               file=sys.stderr)
@@ -134,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"header": header, "rows": results},
+    atomic_write_text(RESULTS / f"{args.tag}.json", json.dumps({"header": header, "rows": results},
                                                          indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{args.tag}.md", header + "\n\n" + "\n".join(lines) + "\n")
     plot(results, RESULTS / f"{args.tag}.png", header)
     print(f"wrote {RESULTS / args.tag}.{{json,md,png}}")
     return 0
@@ -163,7 +156,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         a.set_yticklabels([])
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream import load, stream_generate
 from mlx_specstream.training.data import heldout_prompts
 
+import mlx.core as mx
 from mlx_lm.utils import load as mlx_lm_load
 
 
@@ -143,6 +144,25 @@ def named_options(words: list[str]) -> tuple[str, dict[str, Any]]:
     return words[0], dict(option_arg(w) for w in words[1:])
 
 
+def add_option_args(p: argparse.ArgumentParser, rows: str) -> None:
+    """--option KEY=VALUE (for every one of ``rows``) and --row NAME KEY=VALUE ..."""
+    p.add_argument("--option", action="append", type=option_arg, default=[],
+                   metavar="KEY=VALUE",
+                   help=f"stream_generate option for every {rows} (repeatable)")
+    p.add_argument("--row", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help=f"one more {rows}: a name, then its stream_generate options (repeatable)")
+
+
+def options_from_args(p: argparse.ArgumentParser,
+                      args) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """The options of every row and the extra (name, options) rows of add_option_args."""
+    try:
+        extra_rows = [named_options(words) for words in args.row]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    return dict(args.option), extra_rows
+
+
 def format_options(opts: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in opts.items())
 
@@ -225,33 +245,44 @@ class Run:
     accepted: list[int] = field(default_factory=list)  # accepted drafts per depth
 
 
-def run_mlx_lm(model, tokenizer) -> Callable[[list[int], int], Run]:
-    """mlx-lm's stream_generate, greedy: what a user of mlx-lm runs (detokenizing too)."""
+Method = Callable[..., Run]  # (prompt ids, max tokens, seed=None) -> Run
+
+
+def run_mlx_lm(model, tokenizer, **kwargs) -> Method:
+    """mlx-lm's stream_generate: what a user of mlx-lm runs (detokenizing too).  Greedy
+    unless ``kwargs`` passes a ``sampler``; ``draft_model`` and ``num_draft_tokens`` run
+    its two-model speculative decoding, whose passes mlx-lm does not report (0)."""
     from mlx_lm.generate import stream_generate as mlx_stream
 
     eos = set(tokenizer.eos_token_ids)
+    counts_passes = "draft_model" not in kwargs
 
-    def go(ids: list[int], n: int) -> Run:
+    def go(ids: list[int], n: int, seed: int | None = None) -> Run:
+        if seed is not None:
+            mx.random.seed(seed)
         toks: list[int] = []
         t0 = None
-        for r in mlx_stream(model, tokenizer, ids, max_tokens=n):
+        for r in mlx_stream(model, tokenizer, ids, max_tokens=n, **kwargs):
             if t0 is None:
                 t0 = time.perf_counter()
             if r.token in eos:
                 break
             toks.append(r.token)
-        passes = max(len(toks) - 1, 0)
+        passes = max(len(toks) - 1, 0) if counts_passes else 0
         return Run(toks, time.perf_counter() - t0, passes, passes)
 
     return go
 
 
-def run_ours(model, tokenizer, **opts) -> Callable[[list[int], int], Run]:
-    def go(ids: list[int], n: int) -> Run:
+def run_ours(model, tokenizer, **opts) -> Method:
+    """Our stream_generate with ``opts``; a ``seed`` per call for sampled decoding."""
+
+    def go(ids: list[int], n: int, seed: int | None = None) -> Run:
         toks: list[int] = []
         t0 = None
         last = None
-        for r in stream_generate(model, tokenizer, ids, n, **opts):
+        seeded = opts if seed is None else opts | {"seed": seed}
+        for r in stream_generate(model, tokenizer, ids, n, **seeded):
             if t0 is None:
                 t0 = time.perf_counter()
             last = r

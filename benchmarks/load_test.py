@@ -26,6 +26,7 @@ from typing import Any
 
 import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 from mlx_specstream import load
+from mlx_specstream.files import atomic_write_text
 from mlx_specstream.server import make_server
 
 PROMPTS = [
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = PROMPTS[: max(1, min(len(PROMPTS), args.clients * args.requests))]
         # 1. one client, one request per prompt: the reference outputs and latencies
         single = {
-            pr: request(port, pr, args.max_tokens, False, chat, args.timeout) for pr in prompts
+            pr: request(port, pr, args.max_tokens, stream=False, chat=chat, timeout=args.timeout)
+            for pr in prompts
         }
         bad = [r for r in single.values() if r.error]
         if bad:
@@ -243,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" ({len(mismatches)} differ)" if mismatches else "")
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_text(args.json, json.dumps(summary, indent=2))
     return 0 if summary["outputs_equal_single_client"] else 1
 
 

@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         tokens = mx.array(rng.integers(0, V, tree.size).astype(np.int32))
         mx.eval(tokens)
         t = time.perf_counter()
-        h = model.lower(tokens, depth + off, mask, cache)
+        h = model.lower(tokens, depth + off, mask=mask, cache=cache)
         mx.eval(h)
         t = lap(f"lower layers ({model.split}) x {tree.size} nodes", t)
-        x = model.upper_hidden(h, depth + off, mask, cache, None, True)[0]
+        x = model.upper_hidden(h, depth + off, mask=mask, cache=cache)[0]
         mx.eval(x)
         t = lap(f"MSA layers ({model.cfg.stream_layers}) x {tree.size} nodes x (1+{g})", t)
         logits = model.head(x[: tree.size])
@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         off = cache.offset
         tok = mx.array([[int(rng.integers(0, V))]])
         t = time.perf_counter()
-        x = model.upper_hidden(model.lower(tok, mx.array([off]), None, cache), mx.array([off]),
-                               None, cache, None, False)
+        pos = mx.array([off])
+        x = model.upper_hidden(model.lower(tok, pos, cache=cache), pos, cache=cache,
+                               with_streams=False)
         mx.eval(mx.argmax(model.head(x[0, -1])))
         cache.commit()
         lap("autoregressive step (1 token, no streams)", t)
@@ -166,9 +167,9 @@ def profile_ops(model, cache, repeat: int = 50) -> None:
     one = mx.array([[5]])
 
     def real() -> mx.array:
-        out = model.upper_hidden(model.lower(one, pos[0], None, cache), pos[0], None, cache,
-                                 None, False)
-        cache.pending = [0] * cache.num_layers
+        out = model.upper_hidden(model.lower(one, pos[0], cache=cache), pos[0], cache=cache,
+                                 with_streams=False)
+        cache.commit([])  # keep none of the pending rows
         return model.head(out[0, -1])
 
     print(f"{'real 1-token pass (one graph, one barrier)':<58} {best(real):>9.2f}")

@@ -135,6 +135,11 @@ def _words(col: str) -> str:
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", col).replace("_", " ").lower()
 
 
+def _sql_text(value: object) -> str:
+    """A value inside a single-quoted SQL string literal."""
+    return str(value).replace("'", "''")
+
+
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
@@ -173,14 +178,12 @@ class _Maker:
             return None
         n_h = _words(num)
         c_h = _words(cat) if cat else ""
-        if kind == "max":
-            q = r.choice([f"What is the highest {n_h} in the {t} table?",
-                          f"What is the maximum {n_h} among all {noun}?"])
-            sql = f"SELECT MAX({num}) FROM {t};"
-        elif kind == "min":
-            q = r.choice([f"What is the lowest {n_h} in the {t} table?",
-                          f"What is the minimum {n_h} among all {noun}?"])
-            sql = f"SELECT MIN({num}) FROM {t};"
+        if kind in ("max", "min"):
+            word, extreme, fn = (("highest", "maximum", "MAX") if kind == "max"
+                                else ("lowest", "minimum", "MIN"))
+            q = r.choice([f"What is the {word} {n_h} in the {t} table?",
+                          f"What is the {extreme} {n_h} among all {noun}?"])
+            sql = f"SELECT {fn}({num}) FROM {t};"
         elif kind == "count_gt":
             v = _num(self._val(num))
             op, word = r.choice([(">", "greater than"), ("<", "less than")])
@@ -188,18 +191,15 @@ class _Maker:
                           f"Count the {noun} whose {n_h} is {word} {v}."])
             sql = f"SELECT COUNT(*) FROM {t} WHERE {num} {op} {v};"
         elif kind == "count_eq":
-            v = str(self._val(cat)).replace("'", "''")
+            v = _sql_text(self._val(cat))
             q = r.choice([f"How many {noun} have {c_h} '{v}'?",
                           f"Count the {noun} where the {c_h} is '{v}'."])
             sql = f"SELECT COUNT(*) FROM {t} WHERE {cat} = '{v}';"
-        elif kind == "avg_eq":
-            v = str(self._val(cat)).replace("'", "''")
-            q = f"What is the average {n_h} of {noun} with {c_h} '{v}'?"
-            sql = f"SELECT AVG({num}) FROM {t} WHERE {cat} = '{v}';"
-        elif kind == "sum_eq":
-            v = str(self._val(cat)).replace("'", "''")
-            q = f"What is the total {n_h} of {noun} with {c_h} '{v}'?"
-            sql = f"SELECT SUM({num}) FROM {t} WHERE {cat} = '{v}';"
+        elif kind in ("avg_eq", "sum_eq"):
+            v = _sql_text(self._val(cat))
+            word, fn = ("average", "AVG") if kind == "avg_eq" else ("total", "SUM")
+            q = f"What is the {word} {n_h} of {noun} with {c_h} '{v}'?"
+            sql = f"SELECT {fn}({num}) FROM {t} WHERE {cat} = '{v}';"
         elif kind == "group_count":
             q = r.choice([f"How many {noun} are there for each {c_h}?",
                           f"Count the {noun} per {c_h}."])
@@ -217,7 +217,7 @@ class _Maker:
             q = f"Which {c_h} has the most {noun}?"
             sql = f"SELECT {cat} FROM {t} GROUP BY {cat} ORDER BY COUNT(*) DESC LIMIT 1;"
         elif kind == "and":
-            v = str(self._val(cat)).replace("'", "''")
+            v = _sql_text(self._val(cat))
             w = _num(self._val(num))
             q = f"How many {noun} with {c_h} '{v}' have a {n_h} above {w}?"
             sql = f"SELECT COUNT(*) FROM {t} WHERE {cat} = '{v}' AND {num} > {w};"

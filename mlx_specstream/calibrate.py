@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import CONFIG_KEY
-from .files import atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .model import SpecStreamModel, causal_mask
 from .tree import best_paths
 
@@ -59,8 +59,8 @@ def measure_cost(
         pos = mx.arange(off, off + n)
         mask = causal_mask(n) if n > 1 else None
         t = time.perf_counter()
-        h = model.lower(toks, pos, mask, cache)
-        main, sh = model.upper(h, pos, mask, cache, None, streams)
+        h = model.lower(toks, pos, mask=mask, cache=cache)
+        main, sh = model.upper(h, pos, mask=mask, cache=cache, with_streams=streams)
         pred = mx.argmax(main[0], axis=-1)
         if sh is not None:  # the decoder reads out one node's streams per step
             mx.eval(pred, mx.argmax(model.stream_logits(sh[0, -1]), axis=-1))
@@ -68,7 +68,7 @@ def measure_cost(
             mx.eval(pred)
         np.array(pred)
         dt = time.perf_counter() - t
-        cache.pending = [0] * cache.num_layers  # discard: nothing committed
+        cache.commit([])  # keep none of the pending rows: nothing is committed
         return dt
 
     def best_of(n: int, streams: bool) -> float:
@@ -111,7 +111,7 @@ def acceptance_stats(
         positions = mx.arange(len(seq))
         h = model.lower(tokens, positions)
         rows = mx.arange(first, last + 1)
-        _, sh = model.upper(h, positions, None, None, rows, True)
+        _, sh = model.upper(h, positions, stream_rows=rows)
         logits = model.stream_logits(sh[0])  # (H, g, V)
         H = last - first + 1
         # target of stream j at host t: seq[t + 2 + j]  (j = 0..g-1)
@@ -179,7 +179,7 @@ def plot(result: dict[str, object], path: Path) -> None:
     ax[1].plot([best["nodes"]], [best["speedup"]], "r*", ms=12)
     fig.suptitle(result.get("machine", ""), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110))
 
 
 def machine_id() -> str:
@@ -249,12 +249,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--streams-path", default=None,
                    help="a streams folder used with the model (its config gets the tree)")
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=16,
+                   help="prompts to measure acceptance on (default 16)")
     p.add_argument("--prompts", default=None,
                    help="a .txt (one prompt a line) or .jsonl file of prompts from the domain "
                         "the streams serve (e.g. distill's valid.jsonl; never the evaluation "
                         "set); the first --num-prompts are used (default: held-out chitchat)")
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=96,
+                   help="tokens generated per prompt (default 96)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
 
 

@@ -17,17 +17,12 @@ from typing import Any, TextIO
 
 import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 
-from .generate import GenerationResponse, load, stream_generate
+from .generate import GenerationResponse, stream_generate
 from .generate_cli import (
-    add_decoding_arguments,
-    add_extra_eos_tokens,
-    add_mlx_lm_arguments,
+    add_generation_arguments,
     add_model_argument,
-    add_sampling_arguments,
     chat_prompt_ids,
-    decoding_kwargs,
-    sampling_kwargs_from_args,
-    template_kwargs_from_args,
+    generation_setup,
 )
 
 DEFAULT_MAX_TOKENS = 256
@@ -234,16 +229,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_TOKENS,
         help=f"tokens per reply at most (default {DEFAULT_MAX_TOKENS})",
     )
-    add_decoding_arguments(parser)
-    add_sampling_arguments(parser)
-    add_mlx_lm_arguments(parser)
+    add_generation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    gen_kwargs = {**decoding_kwargs(args), **sampling_kwargs_from_args(args)}
-    template_kwargs = template_kwargs_from_args(args)
-    model, tokenizer = load(args.model)
-    add_extra_eos_tokens(tokenizer, args)
+    model, tokenizer, gen_kwargs, template_kwargs = generation_setup(args)
     session = ChatSession(
         model,
         tokenizer,

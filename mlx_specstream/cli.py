@@ -17,13 +17,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("mlx_specstream.convert.cli", "convert a HF folder or GGUF file to a model folder"),
     "generate": ("mlx_specstream.generate_cli", "generate text from a prompt"),
     "chat": ("mlx_specstream.chat", "chat in the terminal"),
-    "serve": ("mlx_specstream.server", "OpenAI-compatible HTTP server"),
+    "serve": ("mlx_specstream.server", "serve an OpenAI-compatible HTTP API"),
     "train": ("mlx_specstream.training.cli", "train the speculative streams"),
     "distill": ("mlx_specstream.training.distill", "write self-distillation data"),
     "fuse": ("mlx_specstream.training.fuse", "merge task-mode LoRA into the weights"),
-    "calibrate": ("mlx_specstream.calibrate", "measure the forward-pass cost curve"),
+    "calibrate": ("mlx_specstream.calibrate", "size the draft tree for this machine"),
     "vocab": ("mlx_specstream.vocab", "let the streams draft from the most frequent tokens"),
-    "doctor": ("mlx_specstream.doctor", "show BLAS, backend and matmul speed"),
+    "doctor": ("mlx_specstream.doctor", "check the BLAS, GEMM shim and matmul speed"),
 }
 
 

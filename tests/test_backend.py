@@ -37,7 +37,12 @@ with warnings.catch_warnings(record=True) as caught:
     {pre}
     import mlx_specstream
 from mlx_specstream import backend
-print(json.dumps({{"report": backend.report(),
+import mlx.core as mx
+import numpy as np
+rng = np.random.default_rng(0)
+a, b = (rng.standard_normal(s).astype(np.float32) for s in ((5, 64), (64, 48)))
+matmul_ok = bool(np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, rtol=1e-4, atol=1e-4))
+print(json.dumps({{"report": backend.report(), "matmul_ok": matmul_ok,
                   "warnings": [str(w.message) for w in caught
                                if issubclass(w.category, RuntimeWarning)]}}))
 """
@@ -47,7 +52,8 @@ _CLEARED = ("CC", "MLX_SPECSTREAM_SHIM", "MLX_SPECSTREAM_BLAS", "MLX_SPECSTREAM_
 
 
 def child(tmp_path: Path, pre: str = "pass", **env: str) -> tuple[dict, list[str]]:
-    """Import mlx_specstream in a fresh process; returns (backend.report(), warnings)."""
+    """Import mlx_specstream in a fresh process; returns (backend.report(), warnings).
+    Whatever the state, MLX must still multiply correctly (the fallback works)."""
     full = {k: v for k, v in os.environ.items() if k not in _CLEARED}
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                           full.get("PYTHONPATH", "")])
@@ -57,6 +63,7 @@ def child(tmp_path: Path, pre: str = "pass", **env: str) -> tuple[dict, list[str
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert data["matmul_ok"], data["report"]
     return data["report"], data["warnings"]
 
 
@@ -144,6 +151,31 @@ def test_compile_timeout(tmp_path: Path) -> None:
     assert report["shim"]["state"] == "failed"
     assert "did not finish within 1 s" in report["shim"]["reason"]
     assert len(shim_warnings(warns)) == 1
+
+
+@needs_linux_blas
+def test_a_compiler_that_writes_no_library(tmp_path: Path) -> None:
+    cc = fake_cc(tmp_path / "bin", "exit 0\n")
+    report, warns = child(tmp_path, CC=str(cc))
+    assert report["blas"]["state"] == "loaded"
+    assert report["shim"]["state"] == "failed"
+    assert "exit 0 but no" in report["shim"]["reason"]
+    assert len(shim_warnings(warns)) == 1
+
+
+@needs_linux_blas
+def test_a_broken_library_is_reported_with_the_way_out(tmp_path: Path) -> None:
+    """A compiler that writes something that is not a loadable library: the shim fails
+    with a reason naming the file to delete, and the BLAS is still used."""
+    cc = fake_cc(tmp_path / "bin", 'out=""; prev=""\n'
+                 'for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done\n'
+                 'echo "not an ELF file" > "$out"\n')
+    report, warns = child(tmp_path, CC=str(cc))
+    assert report["blas"]["state"] == "loaded"
+    assert report["shim"]["state"] == "failed"
+    assert "cannot load" in report["shim"]["reason"] and "delete it" in report["shim"]["reason"]
+    [warning] = shim_warnings(warns)
+    assert "cannot load" in warning
 
 
 def test_build_timeout_kills_the_compilers_children(tmp_path: Path, monkeypatch) -> None:

@@ -115,6 +115,46 @@ def test_decode_benchmark_runs_on_a_tiny_folder(api_model_dir: Path, tmp_path: P
     assert "### ours autoregressive" not in md
 
 
+def test_sampling_benchmark_runs_on_a_tiny_folder(api_model_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_sampling: mlx-lm's sampled reference and our rows share common's runners and
+    tallies; the reference decodes one token per pass, ours between 1 and 1 + depth."""
+    import json
+    import warnings
+
+    import bench_sampling
+
+    monkeypatch.setattr(bench_sampling, "RESULTS", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert bench_sampling.main(["--model", str(api_model_dir), "--prompts", "2",
+                                    "--max-tokens", "5", "--temps", "0,1.0",
+                                    "--ours-ar", "--tag", "s"]) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == ["mlx-lm autoregressive temp 0.7", "ours autoregressive temp 0.7",
+                          "SS temp 0.0", "SS temp 1.0"]
+    ref = rows["mlx-lm autoregressive temp 0.7"]
+    assert ref["prompts"] == 2 and ref["passes"] == ref["tokens"] > 0
+    assert ref["tokens_per_pass"] == 1.0
+    for name in ("SS temp 0.0", "SS temp 1.0"):
+        assert rows[name]["passes"] > 0 and 1.0 <= rows[name]["tokens_per_pass"] <= 4.0
+    assert "| SS temp 1.0 |" in (tmp_path / "s.md").read_text()
+
+
+def test_runners_are_reproducible_per_seed(api_model) -> None:
+    """A seed per call makes both runners' sampled output repeatable."""
+    from common import run_mlx_lm, run_ours
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = api_model
+    ids = tokenizer.encode("hello there")
+    for go in (run_mlx_lm(model.base, tokenizer, sampler=make_sampler(1.0)),
+               run_ours(model, tokenizer, temp=1.0)):
+        runs = [go(ids, 8, seed=s).tokens for s in (3, 3)]
+        assert runs[0] == runs[1]
+
+
 # -- the broad suite -----------------------------------------------------------------
 def test_suite_has_the_categories_and_no_duplicates() -> None:
     from common import CATEGORIES, load_suite

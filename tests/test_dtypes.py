@@ -15,10 +15,9 @@ from mlx_specstream.decode import DecodeStats, autoregressive_steps, speculative
 from mlx_specstream.model import SpecStreamModel, init_stream_params, model_dtype
 from mlx_specstream.sampled import sampled_speculative_steps
 from mlx_specstream.sampling import SamplingParams
-from mlx_specstream.training.data import make_batches
 from mlx_specstream.training.trainer import TrainConfig, prepare_model, save_streams, train
 from mlx_specstream.tree import product_tree
-from tinymodels import tiny_base
+from tinymodels import cyclic_batches, tiny_base
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -155,20 +154,6 @@ def test_autoregressive_prefill_mirrors_mlx_lm(monkeypatch) -> None:
 VOCAB = 64
 
 
-def _cyclic_batches(n_seq: int = 4, length: int = 16):
-    rng = np.random.default_rng(0)
-    ex = []
-    for i in range(n_seq):
-        a, b = [(3, 1), (5, 7)][i % 2]
-        x = int(rng.integers(0, VOCAB))
-        seq = [x]
-        for _ in range(length - 1):
-            x = (a * x + b) % VOCAB
-            seq.append(x)
-        ex.append((seq, 0))
-    return make_batches(ex, batch_tokens=2 * length)
-
-
 @pytest.mark.parametrize("kind", ["float16", "q4"])
 @pytest.mark.parametrize("mode", ["lossless", "task"])
 def test_half_and_quantized_training_step_keeps_parameters_finite(kind, mode, tmp_path) -> None:
@@ -176,7 +161,8 @@ def test_half_and_quantized_training_step_keeps_parameters_finite(kind, mode, tm
     master copies the first step divides 0 by 0."""
     model = model_of(kind, lora_rank=2)
     tc = TrainConfig(mode=mode, iters=1, lr=1e-2, lora_rank=2, cache_gb=0.01, warmup=0.0)
-    train(model, _cyclic_batches(), [], tc, log=lambda s: None, progress=False)
+    batches = cyclic_batches(4, 16, rules=((3, 1), (5, 7)), per_batch=2)
+    train(model, batches, [], tc, log=lambda s: None, progress=False)
     assert all_finite(model.parameters())
     dtype = expected_dtype(kind)
     assert {v.dtype for v in model.stream_parameters().values()} == {dtype}
@@ -194,7 +180,7 @@ def test_bfloat16_training_reads_its_terms_on_the_host(mode: str, streams: bool)
     model = model_of("bfloat16", lora_rank=0)
     tc = TrainConfig(mode=mode, streams=streams, iters=1, lr=1e-2, lora_rank=2,
                      exit_phase="after", exit_iters=1, cache_gb=0.01)
-    batches = _cyclic_batches()
+    batches = cyclic_batches(4, 16, rules=((3, 1), (5, 7)), per_batch=2)
     report = train(model, batches, batches, tc, log=lambda s: None, progress=False)
     assert ("exit_phase" in report) == streams
     assert np.isfinite(report["valid_after"]["main"]["ce"])

@@ -17,21 +17,13 @@ from mlx_specstream.training.trainer import (
     train,
 )
 from mlx_specstream.tree import product_tree
-from tiny import make_tiny_hf_folder
-from tinymodels import tiny_base, tiny_model
+from tinymodels import cyclic_batches, main_logits, tiny_base, tiny_model
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_map
 from test_decode import PROMPT, mlx_lm_greedy
-from test_training import _cyclic_batches, _main_logits
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return make_tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "model")
-
 
 MEDUSA = {"draft_method": "medusa", "num_streams": 2, "stream_layers": 2, "tree_topk": [2, 1]}
 
@@ -77,9 +69,9 @@ def test_medusa_accepts_on_a_repetitive_model() -> None:
 def test_medusa_training_learns_and_keeps_main_bit_identical() -> None:
     model = prepare_model(tiny_model("llama"), SpecStreamConfig(**MEDUSA))
     assert model.cfg.draft_method == "medusa"
-    batches = _cyclic_batches()
+    batches = cyclic_batches()
     probe = mx.array(batches[0].tokens)
-    ref = _main_logits(model, probe)
+    ref = main_logits(model, probe)
     feats = frozen_features(model, probe, with_main=True)
     assert mx.allclose(stream_forward(model, feats), model(probe)[1], atol=1e-4).item()
     tc = TrainConfig(iters=40, lr=1e-2, cache_gb=0.1, seed=0)
@@ -87,7 +79,7 @@ def test_medusa_training_learns_and_keeps_main_bit_identical() -> None:
     before, after = report["valid_before"], report["valid_after"]
     for s in ("s1", "s2"):
         assert after[s]["acc"] > before[s]["acc"] + 0.2
-    assert mx.array_equal(_main_logits(model, probe), ref).item()
+    assert mx.array_equal(main_logits(model, probe), ref).item()
 
 
 def test_plain_lora_task_mode_trains_no_streams(tiny_folder: Path, tmp_path: Path) -> None:

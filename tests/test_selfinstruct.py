@@ -15,15 +15,9 @@ from mlx_specstream.training.selfinstruct import (
     template_prefix,
     write_requests,
 )
-from tiny import make_tiny_hf_folder
 
 import pytest
 from mlx_lm.utils import load as lm_load
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return make_tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _lenient(text: str) -> str | None:

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream.config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
-from mlx_specstream.model import SpecStreamModel
 from mlx_specstream.training.data import (
     encode_record,
     iterate_micro_batches,
     load_split,
     make_batches,
 )
-from mlx_specstream.training.loss import ngram_terms
+from mlx_specstream.training.objective import ngram_terms
 from mlx_specstream.training.trainer import (
     TrainConfig,
     evaluate,
@@ -25,8 +24,7 @@ from mlx_specstream.training.trainer import (
     stream_forward,
     train,
 )
-from tiny import make_tiny_hf_folder
-from tinymodels import tiny_model
+from tinymodels import cyclic_batches, main_logits, tiny_model
 
 import mlx.core as mx
 import numpy as np
@@ -34,28 +32,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 VOCAB = 64
-
-
-def _cyclic_batches(n_seq: int = 12, length: int = 24, seed: int = 0):
-    """Sequences of an affine recurrence x[t+1] = (a*x[t] + b) % V with a few (a, b)
-    rules: learnable n-grams for the streams."""
-    rng = np.random.default_rng(seed)
-    ex = []
-    for i in range(n_seq):
-        a, b = [(3, 1), (5, 7), (7, 2)][i % 3]
-        x = int(rng.integers(0, VOCAB))
-        seq = [x]
-        for _ in range(length - 1):
-            x = (a * x + b) % VOCAB
-            seq.append(x)
-        ex.append((seq, 0))
-    return make_batches(ex, batch_tokens=4 * length)
-
-
-def _main_logits(model: SpecStreamModel, tokens: mx.array) -> mx.array:
-    out = model(tokens, with_streams=False)[0]
-    mx.eval(out)
-    return out
 
 
 def test_stream_forward_matches_model():
@@ -75,7 +51,7 @@ def test_ngram_loss_shifts():
     eye = mx.eye(V) * 50
     main = eye[(tokens + 1) % V]
     streams = mx.stack([eye[(tokens + 1 + j) % V] for j in (1, 2)], axis=2)
-    t = ngram_terms(tokens, targets, main, streams, None)
+    t = ngram_terms(tokens, targets, main, streams, exit_logits=None)
     assert t.count["main"].item() == 4 and t.count["s1"].item() == 3 and t.count["s2"].item() == 2
     for k in ("main", "s1", "s2"):
         assert t.correct[k].item() == t.count[k].item()
@@ -87,9 +63,9 @@ def test_lossless_training_learns_and_keeps_main_bit_identical():
         tiny_model("llama"),
         SpecStreamConfig(num_streams=2, stream_layers=2, tree_topk=[2, 1], stream_lora_rank=4),
     )
-    batches = _cyclic_batches()
+    batches = cyclic_batches()
     probe = mx.array(batches[0].tokens)
-    ref = _main_logits(model, probe)
+    ref = main_logits(model, probe)
     base_before = {k: np.array(v) for k, v in tree_flatten(model.base.parameters())}
     tc = TrainConfig(iters=40, lr=1e-2, cache_gb=0.1, seed=0)
     report = train(model, batches, batches, tc, log=lambda s: None, progress=False)
@@ -100,7 +76,7 @@ def test_lossless_training_learns_and_keeps_main_bit_identical():
     assert after["exit"]["ce"] < before["exit"]["ce"]
     assert report["streams_phase"]["loss"]["s1"] < before["s1"]["ce"]
     # the lossless guarantee: the main stream is bit-for-bit the base model's
-    assert mx.array_equal(_main_logits(model, probe), ref).item()
+    assert mx.array_equal(main_logits(model, probe), ref).item()
     for k, v in tree_flatten(model.base.parameters()):
         assert np.array_equal(np.array(v), base_before[k]), k
     assert after["main"]["acc"] == before["main"]["acc"]
@@ -109,7 +85,7 @@ def test_lossless_training_learns_and_keeps_main_bit_identical():
 def test_exit_adapter_second_phase():
     model = prepare_model(tiny_model("llama"), SpecStreamConfig(num_streams=2, stream_layers=2,
                                                                 tree_topk=[2, 1]))
-    batches = _cyclic_batches()
+    batches = cyclic_batches()
     exit_a = np.array(model.streams.exit_adapter.b)
     tc = TrainConfig(iters=5, lr=1e-2, exit_phase="after", exit_iters=10, cache_gb=0.1)
     report = train(model, batches, batches, tc, log=lambda s: None, progress=False)
@@ -120,7 +96,7 @@ def test_exit_adapter_second_phase():
 
 def test_checkpoint_and_resume(tmp_path: Path):
     spec = SpecStreamConfig(num_streams=2, stream_layers=2, tree_topk=[2, 1], stream_lora_rank=2)
-    batches = _cyclic_batches()
+    batches = cyclic_batches()
 
     def run(**kw) -> dict[str, np.ndarray]:
         model = prepare_model(tiny_model("llama"), spec, reinit=True, seed=3)
@@ -148,11 +124,6 @@ def test_micro_batch_order_resumes():
 
 
 # -- data formats, through a real (tiny) tokenizer with a ChatML template ----------------
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return make_tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.fixture(scope="module")
 def tiny_tok(tiny_folder: Path):
     from mlx_lm.utils import load_tokenizer
@@ -215,6 +186,28 @@ def test_train_cli_saves_streams_and_loads(tiny_folder: Path, tmp_path: Path):
     saved = mx.load(str(out / STREAMS_FILE))
     for k, v in model.stream_parameters().items():
         assert mx.array_equal(v, saved[k]).item()
+
+
+@pytest.mark.parametrize("valid", ["empty", "absent"])
+def test_train_cli_without_validation_records(tiny_folder: Path, tmp_path: Path, capsys,
+                                              valid: str):
+    """A distill run of fewer than 20 answers writes an empty valid.jsonl: training runs
+    without validation and says so, as when the file is absent."""
+    from mlx_specstream.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": "hi", "completion": "Hello there! How are you today?"}]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    if valid == "empty":
+        (data / "valid.jsonl").write_text("")
+    rc = main(["train", "--model", str(tiny_folder), "--data", str(data), "--adapter-path",
+               str(tmp_path / "streams"), "--iters", "1", "--num-streams", "2",
+               "--stream-layers", "1", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "training without validation" in out and "0 valid records" in out
+    assert (tmp_path / "streams" / STREAMS_FILE).exists()
 
 
 def test_save_streams_into_model_folder_keeps_config(tiny_folder: Path, tmp_path: Path):
@@ -303,7 +296,7 @@ def test_task_mode_and_fuse(tiny_folder: Path, tmp_path: Path):
 
 def test_evaluate_reports_every_head():
     model = tiny_model("llama")
-    m = evaluate(model, _cyclic_batches(3), TrainConfig())
+    m = evaluate(model, cyclic_batches(3), TrainConfig())
     assert set(m) == {"main", "s1", "s2", "s3", "exit", "tpp"}
     assert all(0.0 <= v["acc"] <= 1.0 for k, v in m.items() if k != "tpp")
     assert set(m["tpp"]) == {"[3, 2, 1]", "[1, 1, 1]"}
@@ -331,7 +324,7 @@ def test_simulated_tokens_per_pass_equal_decoding(topk):
     assert topk in SIMULATED_TREES
     model = tiny_model("llama", seed=3, lora_rank=4, random_lora=True)
     model.cfg.draft_cost_ratio = 0.0
-    cyc = _cyclic_batches(1, length=12, seed=1)[0]
+    cyc = cyclic_batches(1, length=12, seed=1)[0]
     prompt = [int(t) for t in cyc.tokens[0]]
     stats = DecodeStats()
     out = list(speculative_steps(model, mx.array(prompt), 40, stats, tree=product_tree(topk)))
@@ -344,7 +337,8 @@ def test_simulated_tokens_per_pass_equal_decoding(topk):
 
 
 def test_sparse_objective_equals_dense():
-    from mlx_specstream.training.trainer import sparse_targets, sparse_terms
+    from mlx_specstream.training.objective import sparse_targets
+    from mlx_specstream.training.trainer import sparse_terms
 
     model = tiny_model("llama", lora_rank=2, random_lora=True)
     rng = np.random.default_rng(0)
@@ -356,8 +350,9 @@ def test_sparse_objective_equals_dense():
     feats = frozen_features(model, mx.array(tokens), with_main=True)
     dense = ngram_terms(mx.array(tokens), mx.array(targets), feats.main_logits,
                         stream_forward(model, feats), model.exit_logits(feats.h))
-    sparse = sparse_terms(model, feats, sparse_targets(tokens, targets, 3), True, True, None,
-                          feats.main_logits, mx.array(tokens), mx.array(targets))
+    sparse = sparse_terms(model, feats, sparse_targets(tokens, targets, 3), train_streams=True,
+                          train_exit=True, alphas=None, main_logits=feats.main_logits,
+                          tokens=mx.array(tokens), targets=mx.array(targets))
     for k in ("main", "s1", "s2", "s3", "exit"):
         assert sparse.count[k].item() == dense.count[k].item(), k
         assert abs(sparse.ce[k].item() - dense.ce[k].item()) < 1e-3, k
@@ -367,7 +362,8 @@ def test_sparse_objective_equals_dense():
 
 @pytest.mark.parametrize("method", ["streams", "medusa"])
 def test_task_sparse_objective_equals_dense(method: str):
-    from mlx_specstream.training.trainer import sparse_targets, task_sparse_terms
+    from mlx_specstream.training.objective import sparse_targets
+    from mlx_specstream.training.trainer import task_sparse_terms
 
     cfg = {"draft_method": method} if method == "medusa" else {"lora_rank": 2, "random_lora": True}
     model = tiny_model("llama", **cfg)
@@ -379,9 +375,9 @@ def test_task_sparse_objective_equals_dense(method: str):
     targets[2, 2:6] = True
     toks = mx.array(tokens)
     main, sl, el = model(toks, with_streams=True, with_exit=True)
-    dense = ngram_terms(toks, mx.array(targets), main, sl, el, 1.0, None)
-    sparse = task_sparse_terms(model, toks, sparse_targets(tokens, targets, 3), True, True,
-                               1.0, None)
+    dense = ngram_terms(toks, mx.array(targets), main, sl, el)
+    sparse = task_sparse_terms(model, toks, sparse_targets(tokens, targets, 3), train_streams=True,
+                               train_exit=True, alpha0=1.0, alphas=None)
     for k in ("main", "s1", "s2", "s3", "exit"):
         assert sparse.count[k].item() == dense.count[k].item(), k
         assert abs(sparse.ce[k].item() - dense.ce[k].item()) < 1e-3, k

@@ -1,4 +1,5 @@
-"""Tiny random mlx-lm models built in memory (no files) for fast tests."""
+"""Tiny random mlx-lm models built in memory (no files) for fast tests, and tiny training
+data they can learn."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import importlib
 import mlx_specstream  # noqa: F401  (BLAS before mlx.core)
 from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.model import SpecStreamModel
+from mlx_specstream.training.data import Batch, make_batches
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_map
 
 MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -50,3 +53,28 @@ def tiny_model(model_type: str = "llama", seed: int = 0, lora_rank: int = 0,
                                       model.streams.parameters()))
     mx.eval(model.parameters())
     return model
+
+
+def cyclic_batches(n_seq: int = 12, length: int = 24, seed: int = 0,
+                   rules: tuple[tuple[int, int], ...] = ((3, 1), (5, 7), (7, 2)),
+                   per_batch: int = 4, vocab: int = 64) -> list[Batch]:
+    """Sequences of an affine recurrence x[t+1] = (a*x[t] + b) % vocab, one rule (a, b)
+    after the other: learnable n-grams for the streams.  ``per_batch`` sequences a batch."""
+    rng = np.random.default_rng(seed)
+    ex = []
+    for i in range(n_seq):
+        a, b = rules[i % len(rules)]
+        x = int(rng.integers(0, vocab))
+        seq = [x]
+        for _ in range(length - 1):
+            x = (a * x + b) % vocab
+            seq.append(x)
+        ex.append((seq, 0))
+    return make_batches(ex, batch_tokens=per_batch * length)
+
+
+def main_logits(model: SpecStreamModel, tokens: mx.array) -> mx.array:
+    """The main stream's logits, evaluated."""
+    out = model(tokens, with_streams=False)[0]
+    mx.eval(out)
+    return out

@@ -18,14 +18,17 @@ from pathlib import Path
 from ..config import SpecStreamConfig
 from ..files import atomic_write_text
 from ..tree import add_tree_topk_argument
-from .data import load_split, make_batches
+from .data import load_jsonl, load_split, make_batches
 from .trainer import TrainConfig, prepare_model, save_streams, save_task_adapters, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--data", required=True, help="folder with train.jsonl and valid.jsonl")
-    p.add_argument("--mode", choices=["lossless", "task"], default="lossless")
+    p.add_argument("--mode", choices=["lossless", "task"], default="lossless",
+                   help="lossless (default): train the streams only, the output stays the "
+                        "model's; task: LoRA on the whole model too (needs --adapter-path, "
+                        "then fuse)")
     p.add_argument(
         "--adapter-path",
         default=None,
@@ -39,8 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="task mode: train the LoRA alone (plain fine-tuning; decodes plainly)",
     )
     g = p.add_argument_group("streams")
-    g.add_argument("--num-streams", type=int, default=None, help="gamma (default: config's)")
-    g.add_argument("--stream-layers", type=int, default=None, help="MSA layers (default: config's)")
+    g.add_argument("--num-streams", type=int, default=None,
+                   help="streams per token, i.e. draft depth (default: the folder's)")
+    g.add_argument("--stream-layers", type=int, default=None,
+                   help="top layers that carry the streams (default: the folder's)")
     g.add_argument(
         "--draft-method",
         choices=["streams", "medusa"],
@@ -53,22 +58,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stream-only LoRA rank of the MSA layers (default 32; medusa: 0)",
     )
-    g.add_argument("--stream-lora-scale", type=float, default=None)
-    g.add_argument("--adapter-rank", type=int, default=None, help="pruning adapter rank")
+    g.add_argument("--stream-lora-scale", type=float, default=None,
+                   help="scale of that LoRA (default: the folder's)")
+    g.add_argument("--adapter-rank", type=int, default=None,
+                   help="rank of the pruning adapter (default: the folder's)")
     add_tree_topk_argument(g)
-    g.add_argument("--prune-threshold", type=float, default=None)
+    g.add_argument("--prune-threshold", type=float, default=None,
+                   help="tree pruning threshold stored with the streams, 0 disables")
     t = p.add_argument_group("optimisation")
     t.add_argument("--iters", type=int, default=None, help="optimizer steps (default: --epochs)")
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    t.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (default 1)")
     t.add_argument(
         "--batch-tokens",
         type=int,
         default=2048,
         help="tokens (batch x length, padding included) per micro-batch",
     )
-    t.add_argument("--max-seq-len", type=int, default=512)
-    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--max-seq-len", type=int, default=512,
+                   help="records are cut to this many tokens (default 512)")
+    t.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
     t.add_argument(
         "--embed-lr",
         type=float,
@@ -76,9 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="lr of the stream embeddings (or of the medusa heads)",
     )
     t.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--alpha0", type=float, default=1.0)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (default 1)")
+    t.add_argument("--alpha0", type=float, default=1.0,
+                   help="weight of the next-token loss in task mode (default 1)")
     t.add_argument(
         "--alphas",
         type=float,
@@ -92,17 +103,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="joint",
         help="train the pruning adapter with the streams, after them, or not",
     )
-    t.add_argument("--exit-iters", type=int, default=0)
+    t.add_argument("--exit-iters", type=int, default=0,
+                   help="steps of --exit-phase after (default: as many as the streams')")
     t.add_argument("--lora-rank", type=int, default=32, help="task-mode LoRA rank")
     t.add_argument("--lora-scale", type=float, default=2.0, help="task-mode LoRA scale")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order")
     t.add_argument(
         "--no-mask-prompt",
         action="store_true",
         help="also train on prompt tokens of chat / completion records",
     )
     t.add_argument("--max-train", type=int, default=None, help="use the first N records")
-    t.add_argument("--max-valid", type=int, default=None)
+    t.add_argument("--max-valid", type=int, default=None, help="validate on the first N records")
     t.add_argument(
         "--cache-gb",
         type=float,
@@ -110,7 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="RAM for frozen features kept across epochs (lossless)",
     )
     c = p.add_argument_group("checkpoints")
-    c.add_argument("--checkpoint-every", type=int, default=0)
+    c.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save a checkpoint every N steps (default: never)")
     c.add_argument(
         "--checkpoint-dir",
         default=None,
@@ -126,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0,
                    help="validate every N steps (a learning curve in the report)")
     p.add_argument("--report", default=None, help="write a JSON report here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _spec(args: argparse.Namespace, base_cfg: SpecStreamConfig) -> SpecStreamConfig:
@@ -211,10 +224,14 @@ def run(args: argparse.Namespace) -> int:
                           max_seq_len=args.max_seq_len, limit=limit)
 
     train_ex = split("train", args.max_train)
-    try:
+    # A small distill run can leave valid.jsonl empty (it holds every 20th answer):
+    # train then runs without validation, as without the file.
+    valid_path = Path(args.data) / "valid.jsonl"
+    valid_ex = []
+    if valid_path.is_file() and load_jsonl(valid_path):
         valid_ex = split("valid", args.max_valid)
-    except FileNotFoundError:
-        valid_ex = []
+    else:
+        print(f"no records in {valid_path}: training without validation")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_b = make_batches(train_ex, args.batch_tokens, pad)
     valid_b = make_batches(valid_ex, args.batch_tokens, pad) if valid_ex else []

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .objective import SparseTargets, sparse_targets
+
 Example = tuple[list[int], int]  # (tokens, index of the first target token)
 
 HELDOUT_CONVERSATIONS = 100  # the last conversations of chitchat: never used for training
@@ -133,16 +135,10 @@ class Batch:
     tokens: np.ndarray  # (B, T) int32, right-padded
     targets: np.ndarray  # (B, T) bool: token t is a training target (t >= offset, t < len)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.size)
-
-    def sparse(self, num_streams: int):
+    def sparse(self, num_streams: int) -> SparseTargets:
         """The target triples of the lossless objective (cached per stream count)."""
         cache = self.__dict__.setdefault("_sparse", {})
         if num_streams not in cache:
-            from .trainer import sparse_targets
-
             cache[num_streams] = sparse_targets(self.tokens, self.targets, num_streams)
         return cache[num_streams]
 

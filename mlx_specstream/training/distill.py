@@ -51,12 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampled-fraction", type=float, default=0.0,
                    help="answer this fraction of the prompts a second time at --temp")
     p.add_argument("--temp", type=float, default=0.7, help="temperature of sampled answers")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt order and sampling")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per answer")
     p.add_argument("--batch-size", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-prompt-tokens", type=int, default=512,
                    help="skip prompts longer than this (after the chat template)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def read_prompts(path: str | Path) -> list[Conversation]:

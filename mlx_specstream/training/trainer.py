@@ -40,7 +40,7 @@ from ..config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
 from ..files import atomic_write, atomic_write_text, move_into_place
 from ..model import HALF_DTYPES, SpecStreamModel, build_msa_mask, causal_mask, model_dtype
 from .data import Batch, iterate_micro_batches
-from .loss import Terms, stream_names
+from .objective import SparseTargets, Terms, shifted_ce, stream_names
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -172,49 +172,6 @@ def stream_forward(model: SpecStreamModel, feats: Features) -> mx.array:
     return model.stream_logits(stream_hidden(model, feats))
 
 
-@dataclass
-class SparseTargets:
-    """The (batch, position, stream) triples that have a target, for computing the LM
-    head only where a loss is taken (no prompt or padding positions)."""
-
-    rows: mx.array  # (S,) positions that carry streams
-    flat: mx.array  # (N,) indices into the flattened (B, S, gamma) stream states
-    labels: mx.array  # (N,) target tokens
-    stream: mx.array  # (N,) stream index 0..gamma-1
-    exit_flat: mx.array  # (M,) indices into flattened (B, T) for next-token targets
-    exit_labels: mx.array  # (M,)
-
-
-def sparse_targets(tokens: np.ndarray, targets: np.ndarray, g: int) -> SparseTargets:
-    B, T = tokens.shape
-    any_t = targets.any(axis=0)
-    has = np.zeros(T, dtype=bool)
-    for j in range(1, g + 1):
-        if T - 1 - j > 0:
-            has[: T - 1 - j] |= any_t[1 + j :]
-    rows = np.nonzero(has)[0]
-    S = len(rows)
-    flat, labels, stream = [], [], []
-    for j in range(1, g + 1):
-        pos = rows + 1 + j
-        ok = pos < T
-        valid = np.zeros((B, S), dtype=bool)
-        valid[:, ok] = targets[:, pos[ok]]
-        b, si = np.nonzero(valid)
-        flat.append((b * S + si) * g + (j - 1))
-        labels.append(tokens[b, rows[si] + 1 + j])
-        stream.append(np.full(len(b), j - 1))
-    eb, et = np.nonzero(targets[:, 1:])
-    return SparseTargets(
-        rows=mx.array(rows.astype(np.int32)),
-        flat=mx.array(np.concatenate(flat).astype(np.int32)),
-        labels=mx.array(np.concatenate(labels).astype(np.int32)),
-        stream=mx.array(np.concatenate(stream).astype(np.int32)),
-        exit_flat=mx.array((eb * T + et).astype(np.int32)),
-        exit_labels=mx.array(tokens[eb, et + 1].astype(np.int32)),
-    )
-
-
 def sparse_terms(
     model: SpecStreamModel, feats: Features, st: SparseTargets, train_streams: bool,
     train_exit: bool, alphas: list[float] | None, main_logits: mx.array | None = None,
@@ -228,8 +185,6 @@ def sparse_terms(
     count: dict[str, mx.array] = {}
     loss = mx.array(0.0)
     if main_logits is not None and tokens is not None and targets is not None:
-        from .loss import shifted_ce
-
         ce["main"], correct["main"], count["main"] = shifted_ce(main_logits, tokens, targets, 1)
     if train_streams and st.flat.size:
         D = feats.h.shape[-1]
@@ -265,7 +220,9 @@ def task_sparse_terms(
     positions = mx.broadcast_to(mx.arange(T)[None], (B, T))
     h = model.lower(tokens, positions)
     streams = train_streams and st.flat.size > 0
-    x = model.upper_hidden(h, positions, None, None, st.rows if streams else None, streams)
+    x = model.upper_hidden(
+        h, positions, stream_rows=st.rows if streams else None, with_streams=streams
+    )
     D = x.shape[-1]
     ce: dict[str, mx.array] = {}
     correct: dict[str, mx.array] = {}
@@ -365,10 +322,6 @@ def _has_lora(base: nn.Module) -> bool:
     return any(hasattr(m, "lora_a") for _, m in base.named_modules())
 
 
-def count_parameters(tree: Any) -> int:
-    return sum(v.size for _, v in tree_flatten(tree))
-
-
 # -- evaluation ---------------------------------------------------------------------
 def _terms_for(
     model: SpecStreamModel, tc: TrainConfig, batch: Batch, feats: Features | None,
@@ -465,7 +418,8 @@ def evaluate(
         feats = None
         if tc.mode == "lossless":
             feats = frozen_features(model, mx.array(batch.tokens), with_main=True)
-        terms = _terms_for(model, tc, batch, feats, True, True, True)
+        terms = _terms_for(model, tc, batch, feats, train_streams=True, train_exit=True,
+                           with_main=True)
         mx.eval(terms.ce, terms.correct, terms.count)
         for name in terms.ce:
             s = sums.setdefault(name, [0.0, 0.0, 0.0])
@@ -624,7 +578,8 @@ def run_phase(
 
     def loss_fn(m: SpecStreamModel):
         batch, feats = ctx["batch"], ctx["feats"]
-        terms = _terms_for(m, tc, batch, feats, train_streams, train_exit, tc.mode == "task")
+        terms = _terms_for(m, tc, batch, feats, train_streams=train_streams,
+                           train_exit=train_exit, with_main=tc.mode == "task")
         names = list(terms.ce)
         ce = mx.stack([terms.ce[k] for k in names])
         cnt = mx.stack([terms.count[k] for k in names])
@@ -720,8 +675,8 @@ def train(
         curve.append({"step": step, "examples": seen, **m})
 
     report["streams_phase"] = run_phase(
-        model, train_batches, tc, "streams", steps, tc.streams, joint, cache, log=log,
-        progress=progress, on_eval=on_eval if valid_batches else None,
+        model, train_batches, tc, "streams", steps, train_streams=tc.streams, train_exit=joint,
+        cache=cache, log=log, progress=progress, on_eval=on_eval if valid_batches else None,
     )
     if curve:
         report["curve"] = curve
@@ -730,8 +685,8 @@ def train(
     if tc.exit_phase == "after" and tc.streams and not stopped:
         exit_steps = tc.exit_iters or steps
         report["exit_phase"] = run_phase(
-            model, train_batches, tc, "exit", exit_steps, False, True, cache,
-            lr=tc.exit_lr, log=log, progress=progress,
+            model, train_batches, tc, "exit", exit_steps, train_streams=False, train_exit=True,
+            cache=cache, lr=tc.exit_lr, log=log, progress=progress,
         )
     streams_to_model_dtype(model)
     model.freeze()

@@ -6,6 +6,10 @@ plus, for the pruning adapter, the next-token CE of its early-exit logits.  Each
 is a mean over its own target positions.  Targets are the tokens flagged in
 ``targets`` (prompt and padding positions are not); stream j (1-based) at position t
 predicts token t+1+j, so it has j fewer target positions than the main stream.
+
+The trainer computes the LM head only at target positions: ``sparse_targets`` turns a
+batch's target flags into the index triples it needs.  Data and trainer both use it, so it
+lives here rather than in either of them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 @dataclass
@@ -85,3 +90,47 @@ def ngram_terms(
     if exit_logits is not None:
         add("exit", exit_logits, 1, exit_weight)
     return Terms(loss, ce, correct, count)
+
+
+@dataclass
+class SparseTargets:
+    """The (batch, position, stream) triples that have a target, for computing the LM
+    head only where a loss is taken (no prompt or padding positions)."""
+
+    rows: mx.array  # (S,) positions that carry streams
+    flat: mx.array  # (N,) indices into the flattened (B, S, gamma) stream states
+    labels: mx.array  # (N,) target tokens
+    stream: mx.array  # (N,) stream index 0..gamma-1
+    exit_flat: mx.array  # (M,) indices into flattened (B, T) for next-token targets
+    exit_labels: mx.array  # (M,)
+
+
+def sparse_targets(tokens: np.ndarray, targets: np.ndarray, g: int) -> SparseTargets:
+    """The target triples of a (B, T) batch with ``g`` streams (see ``SparseTargets``)."""
+    B, T = tokens.shape
+    any_t = targets.any(axis=0)
+    has = np.zeros(T, dtype=bool)
+    for j in range(1, g + 1):
+        if T - 1 - j > 0:
+            has[: T - 1 - j] |= any_t[1 + j :]
+    rows = np.nonzero(has)[0]
+    S = len(rows)
+    flat, labels, stream = [], [], []
+    for j in range(1, g + 1):
+        pos = rows + 1 + j
+        ok = pos < T
+        valid = np.zeros((B, S), dtype=bool)
+        valid[:, ok] = targets[:, pos[ok]]
+        b, si = np.nonzero(valid)
+        flat.append((b * S + si) * g + (j - 1))
+        labels.append(tokens[b, rows[si] + 1 + j])
+        stream.append(np.full(len(b), j - 1))
+    eb, et = np.nonzero(targets[:, 1:])
+    return SparseTargets(
+        rows=mx.array(rows.astype(np.int32)),
+        flat=mx.array(np.concatenate(flat).astype(np.int32)),
+        labels=mx.array(np.concatenate(labels).astype(np.int32)),
+        stream=mx.array(np.concatenate(stream).astype(np.int32)),
+        exit_flat=mx.array((eb * T + et).astype(np.int32)),
+        exit_labels=mx.array(tokens[eb, et + 1].astype(np.int32)),
+    )
