@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 main, sh = model.upper(h, pos, mask, cache, None, with_streams)
                 # the decoder reads out only the accepted node's streams: one row
                 mx.eval(main, model.stream_logits(sh[:, -1]) if sh is not None else main)
-                cache.pending = [0] * cache.num_layers
+                cache.discard()
             return f
 
         t_ref = timeit(ref_pass, args.repeat) * 1e3

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +30,16 @@ from mlx_lm.models.activations import swiglu
 
 from .cache import TreeKVCache
 from .config import SUPPORTED_MODEL_TYPES, SpecStreamConfig
+
+
+class KVWriter(Protocol):
+    """What ``SpecStreamModel.run_layer`` needs of a cache."""
+
+    offset: int
+
+    def write(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        ...
+
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -307,15 +318,27 @@ class SpecStreamModel(nn.Module):
         y = (top @ w.T).reshape(B, S, g, D) + self.streams.medusa_bias.astype(top.dtype)
         return top[:, :, None, :] + nn.silu(y)
 
-    def _layer(
+    def run_layer(
         self,
         index: int,
         x: mx.array,
+        *,
         positions: mx.array,
         mask: mx.array | str | None,
-        cache: TreeKVCache | None,
-        n_main: int,
+        cache: KVWriter | None = None,
+        main_rows: int | None = None,
     ) -> mx.array:
+        """Run decoder layer ``index`` on hidden states ``x`` (B, L, hidden).
+
+        positions: (B, L) rotary position of each row.  mask: None (one query row),
+        "causal", or a boolean (L, keys) mask over the keys the cache returns.
+        cache: where the main rows' keys/values go and what is attended to: a
+        ``TreeKVCache``, or any object with ``write(layer, keys, values) -> (keys,
+        values)`` (the trainer records and replays keys that way); None attends to the
+        rows of ``x`` alone.  main_rows: rows ``[0, main_rows)`` are main-stream rows
+        (cached, no stream LoRA); the rest are stream rows (LoRA on, keys attended in
+        this pass only); default all rows."""
+        n_main = x.shape[1] if main_rows is None else main_rows
         layer = self.layers[index]
         attn = layer.self_attn
         lora = None
@@ -337,7 +360,11 @@ class SpecStreamModel(nn.Module):
         q = _rope(attn.rope, q, positions).transpose(0, 2, 1, 3)
         k = _rope(attn.rope, k, positions).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None:
+        if isinstance(cache, TreeKVCache) and L > n_main:
+            # stream keys/values into the buffer's spare slots: no copy of the cache
+            k, v = cache.write(index, k[:, :, :n_main], v[:, :, :n_main],
+                               k[:, :, n_main:], v[:, :, n_main:])
+        elif cache is not None:
             km, vm = cache.write(index, k[:, :, :n_main], v[:, :, :n_main])
             if L > n_main:
                 km = mx.concatenate([km, k[:, :, n_main:]], axis=2)
@@ -386,7 +413,7 @@ class SpecStreamModel(nn.Module):
         x = self.base.model.embed_tokens(tokens)
         m = self._mask(mask, cache, L)
         for i in range(self.split):
-            x = self._layer(i, x, positions, m, cache, L)
+            x = self.run_layer(i, x, positions=positions, mask=m, cache=cache)
         return x
 
     def upper_hidden(
@@ -406,7 +433,7 @@ class SpecStreamModel(nn.Module):
         if with_streams and self.cfg.draft_method == "medusa":
             x, m = h, self._mask(mask, cache, L)
             for i in range(self.split, self.num_layers):
-                x = self._layer(i, x, positions, m, cache, L)
+                x = self.run_layer(i, x, positions=positions, mask=m, cache=cache)
             rows = x if stream_rows is None else x[:, stream_rows.astype(mx.int32)]
             heads = self.medusa_hidden(rows)
             return mx.concatenate([x, heads.reshape(B, -1, D)], axis=1)
@@ -423,7 +450,7 @@ class SpecStreamModel(nn.Module):
         else:
             x, pos, m = h, positions, self._mask(mask, cache, L)
         for i in range(self.split, self.num_layers):
-            x = self._layer(i, x, pos, m, cache, L)
+            x = self.run_layer(i, x, positions=pos, mask=m, cache=cache, main_rows=L)
         return x
 
     def upper(
