@@ -66,7 +66,7 @@ class TrainConfig:
     lora_rank: int = 32  # task mode
     lora_scale: float = 2.0  # task mode
     seed: int = 0
-    cache_gb: float = 4.0  # RAM for frozen features kept across epochs (lossless)
+    cache_gb: float = 1.0  # RAM for frozen features kept across epochs (lossless)
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
