@@ -179,7 +179,7 @@ def _with_lora(linear: nn.Module, x: mx.array, lora: LoRA | None, n_main: int,
     if stream_x is None:
         stream_x = _stream_rows_only(x, n_main)
     a, b = lora.a.astype(x.dtype), lora.b.astype(x.dtype)
-    if COMPILE:
+    if _compiled():
         return _lora_add_c(y, stream_x, a, b, lora.scale)
     return y + lora.scale * ((stream_x @ a.T) @ b.T)
 
@@ -193,8 +193,16 @@ def _stream_rows_only(x: mx.array, n_main: int) -> mx.array:
 # decode step is a chain of ~400 tiny ops, so their dispatch dominates the non-matmul
 # time.  Compiled, each becomes one fused kernel (~5x faster here).  Their inputs have
 # a few fixed shapes per decode (positions are an array input), so the traces are reused.
-# On Metal they are single kernels either way.  MLX_SPECSTREAM_COMPILE=0 turns this off.
-COMPILE = os.environ.get("MLX_SPECSTREAM_COMPILE", "1").strip() != "0"
+# On a GPU they are single kernels either way and every new shape (tree size, prompt
+# tail) would only add a trace: compiled on the CPU only.  MLX_SPECSTREAM_COMPILE=1 or 0
+# forces it on or off.
+_COMPILE_SETTING = os.environ.get("MLX_SPECSTREAM_COMPILE", "").strip()
+
+
+def _compiled() -> bool:
+    if _COMPILE_SETTING:
+        return _COMPILE_SETTING != "0"
+    return mx.default_device() == mx.cpu
 
 
 @partial(mx.compile, shapeless=False)
@@ -214,7 +222,7 @@ def _lora_add_c(y: mx.array, xs: mx.array, a: mx.array, b: mx.array, scale: floa
 
 
 def _norm(norm: nn.Module, x: mx.array) -> mx.array:
-    if COMPILE and type(norm) is nn.RMSNorm:
+    if _compiled() and type(norm) is nn.RMSNorm:
         return _rms_norm_c(x, norm.weight, norm.eps)
     return norm(x)
 
@@ -226,7 +234,7 @@ def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
     B, L, H, D = x.shape
     x = x.reshape(B * L, H, 1, D)
     off = positions.reshape(-1)
-    if COMPILE and type(rope) is nn.RoPE:
+    if _compiled() and type(rope) is nn.RoPE:
         y = _rope_c(x, off, rope.dims, rope.traditional, rope.base, rope.scale)
     else:
         y = rope(x, offset=off)
