@@ -122,6 +122,48 @@ def stage_times(model, tree, context: int, steps: int
             for name, v in times.items()}, cache
 
 
+class _Concatenating:
+    """A cache stand-in that is not a TreeKVCache: ``run_layer`` then concatenates the
+    stream rows' keys/values to the whole visible cache, the copy the spare slots save."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset
+
+    def write(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return self.cache.write(layer, keys, values)
+
+
+def compare_kv(model, cache, tree, rounds: int) -> dict[str, dict[str, float]]:
+    """The MSA layers of one tree pass over ``cache``, stream keys/values in the spare
+    slots vs concatenated to the cache, alternated ``rounds`` times (so both see the same
+    load): min and median ms, and the peak memory above the resident arrays (MB)."""
+    V = model.args.vocab_size
+    rng = np.random.default_rng(1)
+    off = cache.offset
+    pos = mx.array(tree.depth.astype(np.int32)) + off
+    mask = mx.array(tree.mask)
+    tokens = mx.array(rng.integers(0, V, tree.size).astype(np.int32))
+    h = model.lower(tokens, pos, mask, cache)
+    mx.eval(h)
+    times: dict[str, list[float]] = {"spare slots": [], "concatenation": []}
+    peak: dict[str, float] = {}
+    for _ in range(rounds + 1):
+        for name, writer in (("spare slots", cache), ("concatenation", _Concatenating(cache))):
+            mx.reset_peak_memory()
+            before = mx.get_active_memory()
+            t = time.perf_counter()
+            mx.eval(model.upper_hidden(h, pos, mask, writer))
+            times[name].append((time.perf_counter() - t) * 1e3)
+            peak[name] = max(peak.get(name, 0.0), (mx.get_peak_memory() - before) / 2**20)
+    cache.discard()
+    return {name: {"min": min(v[1:]), "median": statistics.median(v[1:]), "peak_mb": peak[name]}
+            for name, v in times.items()}
+
+
 def loop_times(model, tokenizer, tree, tokens: int, repeat: int) -> dict[str, dict]:
     """Wall and host (Python thread CPU) ms per pass of the real speculative loops,
     greedy and sampled (temp 1, seed 0), on the first writing prompt of the suite;
@@ -177,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per run of the real loops (0: skip them)")
     p.add_argument("--repeat", type=int, default=2, help="runs of each real loop (best kept)")
     p.add_argument("--ops", action="store_true", help="also split a 1-token pass by op")
+    p.add_argument("--compare-kv", type=int, default=0, metavar="ROUNDS",
+                   help="also time the MSA layers with the stream keys in the cache's spare "
+                   "slots vs concatenated to it, ROUNDS alternations")
     p.add_argument("--tag", default=None, help="write results/profile_step_TAG.{json,md}")
     args = p.parse_args(argv)
     model, tokenizer = load(args.model)
@@ -203,11 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in loops.items():
             lines.append(f"| {name} | {r['wall_ms_per_pass']:.2f} | "
                          f"{r['host_ms_per_pass']:.2f} | {r['tokens_per_pass']:.2f} |")
+    kv = compare_kv(model, cache, tree, args.compare_kv) if args.compare_kv else {}
+    if kv:
+        lines += ["", f"MSA layers of a {tree.size}-node pass, context {cache.offset}, "
+                  f"{args.compare_kv} alternations", "",
+                  "| stream keys/values | min ms | median ms | peak MB above resident |",
+                  "|---|---|---|---|"]
+        for name, r in kv.items():
+            lines.append(f"| {name} | {r['min']:.2f} | {r['median']:.2f} | {r['peak_mb']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.tag:
         write_results(args.tag, {"context": args.context, "tree_nodes": tree.size,
-                                 "stages_ms": stages, "loops": loops,
+                                 "stages_ms": stages, "loops": loops, "kv": kv,
                                  "command": " ".join(sys.argv)}, text)
     if args.ops:
         profile_ops(model, cache)
