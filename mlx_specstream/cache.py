@@ -7,6 +7,9 @@ attends to ``buffer[:offset + pending]``.  Afterwards the decode loop commits th
 rows it accepted: they are gathered to ``[offset, offset + accepted)`` and the rest
 is simply overwritten by the next pass (lazy roll-back, no copy).
 
+The stream rows of the MSA layers keep their keys/values in the spare slots after
+the pending rows for the length of one pass (``write``); they are never committed.
+
 Layers may hold different pending rows (parallel pruning drops tree nodes from the
 upper layers), so ``commit`` takes the accepted rows per layer.
 """
@@ -30,23 +33,40 @@ class TreeKVCache:
         self.offset = 0
 
     # -- used by the model -------------------------------------------------------
-    def write(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def write(
+        self,
+        layer: int,
+        keys: mx.array,
+        values: mx.array,
+        stream_keys: mx.array | None = None,
+        stream_values: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array]:
         """Store new main-stream keys/values (B, Hkv, n, D) as pending rows of ``layer``
-        and return the keys/values visible to this pass (committed prefix + new)."""
+        and return the keys/values visible to this pass (committed prefix + new).
+
+        ``stream_keys``/``stream_values`` (B, Hkv, s, D): the stream rows' keys/values,
+        written into the spare slots right after the pending rows and returned after
+        them, so that one slice of the buffer holds everything an MSA layer attends to
+        (no copy of the cache per pass).  They are never committed: the next pass
+        overwrites them."""
         n = keys.shape[2]
         end = self.offset + n
         if self.max_size is not None and end > self.max_size:
             raise ValueError(
                 f"context overflow: {end} positions needed, the cache holds {self.max_size}"
             )
+        stop = end + (stream_keys.shape[2] if stream_keys is not None else 0)
         buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or end > buf_k.shape[2]:
-            buf_k, buf_v = self._grow(buf_k, buf_v, keys, values, end)
+        if buf_k is None or stop > buf_k.shape[2]:
+            buf_k, buf_v = self._grow(buf_k, buf_v, keys, values, stop)
         buf_k[..., self.offset : end, :] = keys
         buf_v[..., self.offset : end, :] = values
+        if stop > end:
+            buf_k[..., end:stop, :] = stream_keys
+            buf_v[..., end:stop, :] = stream_values
         self.keys[layer], self.values[layer] = buf_k, buf_v
         self.pending[layer] = n
-        return buf_k[..., :end, :], buf_v[..., :end, :]
+        return buf_k[..., :stop, :], buf_v[..., :stop, :]
 
     def _grow(
         self,
@@ -104,6 +124,10 @@ class TreeKVCache:
         self.offset += n
         self.pending = [0] * self.num_layers
         return n
+
+    def discard(self) -> None:
+        """Drop every pending row: the last pass leaves nothing in the cache."""
+        self.pending = [0] * self.num_layers
 
     def reset(self) -> None:
         self.offset = 0

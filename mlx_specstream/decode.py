@@ -3,14 +3,21 @@ and the autoregressive loop beside it.
 
 A speculative step has named phases, each usable alone: the drafter proposes the draft
 (``drafting.py``), ``verify`` runs it through the model (pruning it mid-pass with the
-early exit), the acceptor picks the accepted path and the next token in one host
+early exit), the acceptor decides the accepted path and the next token on the device
+and the host reads back that decision and the node tokens, a few integers, in one
 synchronisation (``GreedyAcceptor`` here, exact sampling in ``sampled.py``), ``commit``
 keeps the accepted rows in the cache (through ``TreeKVCache.commit`` only), and the
 drafter observes the accepted node's streams, whose LM head runs lazily, inside the
 next pass (n + g rows through the head instead of n * (1 + g)).  The adaptive pause
 (``Pause``) and the statistics (``DecodeStats``) are kept by the loop alone.  One host
-synchronisation per step, plus one for pruning (the pruned shape is decided mid-pass),
-one for a dynamic chain and one for a context branch.
+synchronisation per step, plus one for pruning (the pruned shape is decided mid-pass,
+on the device: the host reads one boolean per node), one for a dynamic chain and one
+for a context branch.  The next pass cannot be queued before the read-back: its
+positions depend on how many tokens were accepted.
+
+Memory as in mlx-lm's ``generate_step``: MLX's buffer cache is cleared after each
+prefill chunk and every ``CLEAR_CACHE_EVERY`` passes, and the loops run under mlx-lm's
+``wired_limit`` (a no-op off Metal).
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import wired_limit
 
 from .config import SpecStreamConfig
 from .drafting import ROOT, ContextDrafter, Draft, StreamDrafter, monotone_costs
 from .model import SpecStreamModel
-from .tree import Tree, accept_greedy, product_tree, prune, subtree, tree_from_paths
+from .tree import Tree, product_tree, subtree, tree_from_paths
 
 
 @dataclass
@@ -146,6 +154,7 @@ def fill(model: SpecStreamModel, tokens: mx.array, cache, chunk: int) -> None:
         model.upper_hidden(h, positions, cache=cache, with_streams=False)
         mx.eval(cache.state_arrays())
         cache.commit()
+        mx.clear_cache()
 
 
 def prefill(
@@ -171,6 +180,7 @@ def prefill(
 
 
 PREFILL_STEP = 2048  # mlx-lm's generate_step default prefill_step_size
+CLEAR_CACHE_EVERY = 256  # passes between mx.clear_cache() calls, as mlx-lm's generate_step
 
 
 def greedy_choice(logits: mx.array, _prev: mx.array | None = None) -> mx.array:
@@ -199,7 +209,6 @@ def autoregressive_steps(
     choose = greedy_choice if choose is None else choose
     cache = model.make_cache()
     n = prompt.shape[0]
-    fill(model, prompt[:-1], cache, PREFILL_STEP)
 
     def step(token: mx.array, prev: mx.array | None) -> mx.array:
         pos = mx.array([cache.offset])
@@ -208,23 +217,27 @@ def autoregressive_steps(
         cache.commit()
         return choose(logits[0, -1], prev)
 
-    y = step(prompt[n - 1 :], None)
-    mx.async_eval(y)
-    produced = 0
-    while produced < max_tokens:
-        nxt = None
-        if produced + 1 < max_tokens and cache.offset + 1 < limit:
-            nxt = step(y, y)
-            mx.async_eval(nxt)
-        tok = int(y.item())
-        produced += 1
-        if produced > 1:
-            stats.forward_passes += 1
-            stats.step_tokens += 1
-        yield tok
-        if nxt is None:
-            return
-        y = nxt
+    with wired_limit(model):
+        fill(model, prompt[:-1], cache, PREFILL_STEP)
+        y = step(prompt[n - 1 :], None)
+        mx.async_eval(y)
+        produced = 0
+        while produced < max_tokens:
+            nxt = None
+            if produced + 1 < max_tokens and cache.offset + 1 < limit:
+                nxt = step(y, y)
+                mx.async_eval(nxt)
+            tok = int(y.item())
+            produced += 1
+            if produced > 1:
+                stats.forward_passes += 1
+                stats.step_tokens += 1
+            yield tok
+            if nxt is None:
+                return
+            if produced % CLEAR_CACHE_EVERY == 0:
+                mx.clear_cache()
+            y = nxt
 
 
 # ---------------------------------------------------------------- the speculative loop
@@ -242,11 +255,10 @@ def verify(model: SpecStreamModel, cache, draft: Draft, with_streams: bool,
     h = model.lower(tokens, positions, mask, cache)
     kept = None
     if prune_threshold > 0.0 and draft.streams > 1:
-        ex = model.exit_logits(h[0]).astype(mx.float32)  # read on the host
+        ex = model.exit_logits(h[0]).astype(mx.float32)
         lse = mx.logsumexp(ex, axis=-1)
-        p = np.array(mx.exp(ex[draft.parent, tokens] - lse[draft.parent]))
-        p[draft.branch] = 1.0
-        keep = prune(tree, p, prune_threshold)
+        p = mx.exp(ex[draft.parent, tokens] - lse[draft.parent])
+        keep = np.nonzero(np.array(kept_by_pruning(p, mask, draft.branch, prune_threshold)))[0]
         if keep.shape[0] < tree.size:
             kept, keep_mx = keep, mx.array(keep.astype(np.int32))
             h, tokens, positions = h[:, keep_mx], tokens[keep_mx], positions[keep_mx]
@@ -265,27 +277,97 @@ def commit(model: SpecStreamModel, cache, path: list[int], kept: np.ndarray | No
         cache.commit([lower_rows] * model.split + [path] * (model.num_layers - model.split))
 
 
+def kept_by_pruning(child_prob: mx.array, mask: mx.array, branch: list[int],
+                    threshold: float) -> mx.array:
+    """``tree.prune`` on the device: (n,) bool, True for the nodes whose own and
+    ancestors' early-exit probabilities are >= ``threshold`` (the root and the nodes on
+    ``branch`` always pass).  mask: the tree's (n, n) ancestor-or-self mask."""
+    forced = np.zeros(child_prob.shape[0], dtype=bool)
+    forced[[0, *branch]] = True
+    ok = (child_prob >= threshold) | mx.array(forced)
+    return mx.all(~mask | ok[None, :], axis=1)
+
+
+def path_to(tree: Tree, node: int) -> list[int]:
+    """The node ids from the root to ``node``."""
+    path = [node]
+    while path[-1] > 0:
+        path.append(int(tree.parent[path[-1]]))
+    return path[::-1]
+
+
+class TreeTables:
+    """Device copies of a few trees' ancestor masks and sibling orders, made once per
+    tree (pruned trees are new objects each step: the table is bounded)."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self.made: dict[int, tuple] = {}
+
+    def get(self, tree: Tree) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """(parent (n,), depth (n,), ancestor-or-self mask (n, n), earlier-sibling
+        mask (n, n): j is a sibling of i listed before it)."""
+        if id(tree) not in self.made:
+            if len(self.made) >= self.limit:
+                self.made.clear()
+            parent = np.maximum(tree.parent, 0)
+            idx = np.arange(tree.size)
+            same_parent = tree.parent[:, None] == tree.parent[None, :]
+            earlier = same_parent & (idx[None, :] < idx[:, None]) & (idx[:, None] > 0)
+            self.made[id(tree)] = (tree, mx.array(parent.astype(np.int32)),
+                                   mx.array(tree.depth.astype(np.int32)), mx.array(tree.mask),
+                                   mx.array(earlier))
+        return self.made[id(tree)][1:]
+
+
+def accepted_node_greedy(tokens: mx.array, predicted: mx.array, tables: tuple) -> mx.array:
+    """``tree.accept_greedy`` on the device: the last node of the accepted path (a
+    scalar).  A child matches when its token is its parent's prediction and no earlier
+    sibling matches; a node is reachable when it and its ancestors match; the accepted
+    path ends at the deepest reachable node (one per depth: siblings exclude each
+    other)."""
+    parent, depth, mask, earlier = tables
+    match = (tokens == predicted[parent]) | (mx.arange(tokens.shape[0]) == 0)
+    first = match & ~mx.any(earlier & match[None, :], axis=1)
+    reach = mx.all(~mask | first[None, :], axis=1)
+    return mx.argmax(mx.where(reach, depth + 1, 0))
+
+
 class GreedyAcceptor:
-    """The longest path whose every token is the main stream's argmax (``accept_greedy``);
-    the next token is the argmax after it.  ``targets`` (on the device, per node) and
-    ``accept`` (on the host, after the step's one synchronisation) are the interface of
-    every acceptor."""
+    """The longest path whose every token is the main stream's argmax (the device
+    form of ``tree.accept_greedy``); the next token is the argmax after it.
+    ``targets`` and ``decide`` (on the device, per node; ``decide`` gives a few int32:
+    the last accepted node, the next token) and ``accept`` (on the host, after the
+    step's one synchronisation) are the interface of every acceptor."""
+
+    def __init__(self) -> None:
+        self.tables = TreeTables()
 
     def first(self, logits: mx.array, context: list[int]) -> int:
         """The token after the prompt (``logits``: its last row), its last token taken
         as a root alone."""
-        root = context[-1:]
-        targets = self.targets(logits[None], mx.array(root, dtype=mx.int32), ROOT, context)
-        return self.accept(ROOT, np.array(root), np.array(targets), None)[1]
+        root = mx.array(context[-1:], dtype=mx.int32)
+        return self.accept_now(ROOT, root, self.targets(logits[None], root, ROOT, context),
+                               None)[1]
 
     def targets(self, main: mx.array, tokens: mx.array, tree: Tree,
                 context: list[int]) -> mx.array:
         return mx.argmax(main, axis=-1)
 
-    def accept(self, tree: Tree, tokens: np.ndarray, targets: np.ndarray,
-               draft: Draft | None) -> tuple[list[int], int]:
-        path = accept_greedy(tree, tokens, targets)
-        return path, int(targets[path[-1]])
+    def decide(self, tree: Tree, tokens: mx.array, targets: mx.array,
+               draft: Draft | None) -> mx.array:
+        best = accepted_node_greedy(tokens, targets, self.tables.get(tree))
+        return mx.stack([best, targets[best]]).astype(mx.int32)
+
+    def accept(self, tree: Tree, decided: np.ndarray, draft: Draft | None
+               ) -> tuple[list[int], int]:
+        return path_to(tree, int(decided[0])), int(decided[1])
+
+    def accept_now(self, tree: Tree, tokens: mx.array, targets: mx.array,
+                   draft: Draft | None) -> tuple[list[int], int]:
+        """``decide`` and ``accept`` with their own synchronisation (the first token,
+        tests)."""
+        return self.accept(tree, np.array(self.decide(tree, tokens, targets, draft)), draft)
 
 
 def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
@@ -296,47 +378,54 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
     and the streams run on the pause's last pass only; a drafter that never runs the
     streams never pauses."""
     limit = check_context(model, prompt.shape[0], max_tokens)
-    cache = model.make_cache()
-    stats.accepted_per_depth = [0] * drafter.max_depth
-    g = model.cfg.num_streams
-    context = [int(t) for t in np.array(prompt).reshape(-1)]  # prompt + output, root last
-    logits = prefill(model, prompt, cache, drafter.uses_streams)
-    context.append(acceptor.first(logits[0], context))
-    if drafter.uses_streams:
-        drafter.observe(logits[1 : 1 + drafter.rows], context)
-    produced = 1
-    yield context[-1]
-    pause = Pause(model.cfg.draft_cost_ratio if drafter.uses_streams else 0.0)
-    while produced < max_tokens:
-        paused = pause.active
-        with_streams = pause.take() if paused else drafter.uses_streams
-        draft = drafter.propose(context, limit - cache.offset, paused)
-        if draft is None:
-            return  # context full
-        x, tree, tokens, kept = verify(model, cache, draft, with_streams, prune_threshold)
-        n = tree.size
-        targets = acceptor.targets(model.head(x[:n]), tokens, tree, context)
-        mx.eval(targets, tokens, x, *(a for a in (draft.q, draft.cands) if a is not None))
-        tok_np = np.array(tokens)
-        path, nxt = acceptor.accept(tree, tok_np, np.array(targets), draft)
-        commit(model, cache, path, kept)
-        # A paused pass without a context branch is a plain pass, not a tree pass.
-        stats.record_tree_pass(0 if paused and not draft.branch else n,
-                               path if kept is None else [int(kept[i]) for i in path],
-                               draft.streams if draft.tree.size > draft.streams else 0)
-        if not paused:
-            pause.observe(len(path))
-        new_tokens = [int(tok_np[i]) for i in path[1:]] + [nxt]
-        context.extend(new_tokens)
-        if with_streams:
-            host = n + path[-1] * g  # the streams of the last accepted node
-            drafter.observe(model.draft_logits(x[host : host + drafter.rows]), context)
-        for tok in new_tokens:
-            if produced >= max_tokens:
-                return
-            produced += 1
-            stats.step_tokens += 1
-            yield tok
+    with wired_limit(model):
+        cache = model.make_cache()
+        stats.accepted_per_depth = [0] * drafter.max_depth
+        g = model.cfg.num_streams
+        context = [int(t) for t in np.array(prompt).reshape(-1)]  # prompt + output, root last
+        logits = prefill(model, prompt, cache, drafter.uses_streams)
+        context.append(acceptor.first(logits[0], context))
+        if drafter.uses_streams:
+            drafter.observe(logits[1 : 1 + drafter.rows], context)
+        produced = 1
+        yield context[-1]
+        pause = Pause(model.cfg.draft_cost_ratio if drafter.uses_streams else 0.0)
+        while produced < max_tokens:
+            paused = pause.active
+            with_streams = pause.take() if paused else drafter.uses_streams
+            draft = drafter.propose(context, limit - cache.offset, paused)
+            if draft is None:
+                return  # context full
+            x, tree, tokens, kept = verify(model, cache, draft, with_streams, prune_threshold)
+            n = tree.size
+            targets = acceptor.targets(model.head(x[:n]), tokens, tree, context)
+            decided = acceptor.decide(tree, tokens, targets, draft)
+            read = mx.concatenate([decided, tokens.astype(mx.int32)])
+            mx.eval(read, x, *(a for a in (draft.q, draft.cands) if a is not None))
+            read_np = np.array(read)
+            k = decided.shape[0]
+            path, nxt = acceptor.accept(tree, read_np[:k], draft)
+            tok_np = read_np[k:]
+            commit(model, cache, path, kept)
+            # A paused pass without a context branch is a plain pass, not a tree pass.
+            stats.record_tree_pass(0 if paused and not draft.branch else n,
+                                   path if kept is None else [int(kept[i]) for i in path],
+                                   draft.streams if draft.tree.size > draft.streams else 0)
+            if not paused:
+                pause.observe(len(path))
+            new_tokens = [int(tok_np[i]) for i in path[1:]] + [nxt]
+            context.extend(new_tokens)
+            if with_streams:
+                host = n + path[-1] * g  # the streams of the last accepted node
+                drafter.observe(model.draft_logits(x[host : host + drafter.rows]), context)
+            for tok in new_tokens:
+                if produced >= max_tokens:
+                    return
+                produced += 1
+                stats.step_tokens += 1
+                yield tok
+            if stats.forward_passes % CLEAR_CACHE_EVERY == 0:
+                mx.clear_cache()
 
 
 def speculative_steps(

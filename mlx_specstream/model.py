@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +30,16 @@ from mlx_lm.models.activations import swiglu
 
 from .cache import TreeKVCache
 from .config import SUPPORTED_MODEL_TYPES, SpecStreamConfig
+
+
+class KVWriter(Protocol):
+    """What ``SpecStreamModel.run_layer`` needs of a cache."""
+
+    offset: int
+
+    def write(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        ...
+
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -168,7 +179,7 @@ def _with_lora(linear: nn.Module, x: mx.array, lora: LoRA | None, n_main: int,
     if stream_x is None:
         stream_x = _stream_rows_only(x, n_main)
     a, b = lora.a.astype(x.dtype), lora.b.astype(x.dtype)
-    if COMPILE:
+    if _compiled():
         return _lora_add_c(y, stream_x, a, b, lora.scale)
     return y + lora.scale * ((stream_x @ a.T) @ b.T)
 
@@ -182,8 +193,16 @@ def _stream_rows_only(x: mx.array, n_main: int) -> mx.array:
 # decode step is a chain of ~400 tiny ops, so their dispatch dominates the non-matmul
 # time.  Compiled, each becomes one fused kernel (~5x faster here).  Their inputs have
 # a few fixed shapes per decode (positions are an array input), so the traces are reused.
-# On Metal they are single kernels either way.  MLX_SPECSTREAM_COMPILE=0 turns this off.
-COMPILE = os.environ.get("MLX_SPECSTREAM_COMPILE", "1").strip() != "0"
+# On a GPU they are single kernels either way and every new shape (tree size, prompt
+# tail) would only add a trace: compiled on the CPU only.  MLX_SPECSTREAM_COMPILE=1 or 0
+# forces it on or off.
+_COMPILE_SETTING = os.environ.get("MLX_SPECSTREAM_COMPILE", "").strip()
+
+
+def _compiled() -> bool:
+    if _COMPILE_SETTING:
+        return _COMPILE_SETTING != "0"
+    return mx.default_device() == mx.cpu
 
 
 @partial(mx.compile, shapeless=False)
@@ -203,7 +222,7 @@ def _lora_add_c(y: mx.array, xs: mx.array, a: mx.array, b: mx.array, scale: floa
 
 
 def _norm(norm: nn.Module, x: mx.array) -> mx.array:
-    if COMPILE and type(norm) is nn.RMSNorm:
+    if _compiled() and type(norm) is nn.RMSNorm:
         return _rms_norm_c(x, norm.weight, norm.eps)
     return norm(x)
 
@@ -215,7 +234,7 @@ def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
     B, L, H, D = x.shape
     x = x.reshape(B * L, H, 1, D)
     off = positions.reshape(-1)
-    if COMPILE and type(rope) is nn.RoPE:
+    if _compiled() and type(rope) is nn.RoPE:
         y = _rope_c(x, off, rope.dims, rope.traditional, rope.base, rope.scale)
     else:
         y = rope(x, offset=off)
@@ -323,15 +342,27 @@ class SpecStreamModel(nn.Module):
         y = (top @ w.T).reshape(B, S, g, D) + self.streams.medusa_bias.astype(top.dtype)
         return top[:, :, None, :] + nn.silu(y)
 
-    def _layer(
+    def run_layer(
         self,
         index: int,
         x: mx.array,
+        *,
         positions: mx.array,
         mask: mx.array | str | None,
-        cache: TreeKVCache | None,
-        n_main: int,
+        cache: KVWriter | None = None,
+        main_rows: int | None = None,
     ) -> mx.array:
+        """Run decoder layer ``index`` on hidden states ``x`` (B, L, hidden).
+
+        positions: (B, L) rotary position of each row.  mask: None (one query row),
+        "causal", or a boolean (L, keys) mask over the keys the cache returns.
+        cache: where the main rows' keys/values go and what is attended to: a
+        ``TreeKVCache``, or any object with ``write(layer, keys, values) -> (keys,
+        values)`` (the trainer records and replays keys that way); None attends to the
+        rows of ``x`` alone.  main_rows: rows ``[0, main_rows)`` are main-stream rows
+        (cached, no stream LoRA); the rest are stream rows (LoRA on, keys attended in
+        this pass only); default all rows."""
+        n_main = x.shape[1] if main_rows is None else main_rows
         layer = self.layers[index]
         attn = layer.self_attn
         lora = None
@@ -353,7 +384,11 @@ class SpecStreamModel(nn.Module):
         q = _rope(attn.rope, q, positions).transpose(0, 2, 1, 3)
         k = _rope(attn.rope, k, positions).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None:
+        if isinstance(cache, TreeKVCache) and L > n_main:
+            # stream keys/values into the buffer's spare slots: no copy of the cache
+            k, v = cache.write(index, k[:, :, :n_main], v[:, :, :n_main],
+                               k[:, :, n_main:], v[:, :, n_main:])
+        elif cache is not None:
             km, vm = cache.write(index, k[:, :, :n_main], v[:, :, :n_main])
             if L > n_main:
                 km = mx.concatenate([km, k[:, :, n_main:]], axis=2)
@@ -402,7 +437,7 @@ class SpecStreamModel(nn.Module):
         x = self.base.model.embed_tokens(tokens)
         m = self._mask(mask, cache, L)
         for i in range(self.split):
-            x = self._layer(i, x, positions, m, cache, L)
+            x = self.run_layer(i, x, positions=positions, mask=m, cache=cache)
         return x
 
     def upper_hidden(
@@ -422,7 +457,7 @@ class SpecStreamModel(nn.Module):
         if with_streams and self.cfg.draft_method == "medusa":
             x, m = h, self._mask(mask, cache, L)
             for i in range(self.split, self.num_layers):
-                x = self._layer(i, x, positions, m, cache, L)
+                x = self.run_layer(i, x, positions=positions, mask=m, cache=cache)
             rows = x if stream_rows is None else x[:, stream_rows.astype(mx.int32)]
             heads = self.medusa_hidden(rows)
             return mx.concatenate([x, heads.reshape(B, -1, D)], axis=1)
@@ -439,7 +474,7 @@ class SpecStreamModel(nn.Module):
         else:
             x, pos, m = h, positions, self._mask(mask, cache, L)
         for i in range(self.split, self.num_layers):
-            x = self._layer(i, x, pos, m, cache, L)
+            x = self.run_layer(i, x, positions=pos, mask=m, cache=cache, main_rows=L)
         return x
 
     def upper(

@@ -9,9 +9,10 @@ Both are ``decode.py``'s loops with another acceptor and proposals; the policy i
    candidates drawn from stream d at the last accepted position);
 2. the target ``p`` of every node (n, V), each node seeing its own history (context +
    path to it) in the repetition penalty;
-3. one host synchronisation: ``accept_sampled`` walks the tree with recursive
-   rejection sampling without replacement and draws the next token from the
-   residual at the last accepted node;
+3. ``accept_sampled_on_device`` walks the tree with recursive rejection sampling
+   without replacement and draws the next token from the residual at the last
+   accepted node, on the device; one host synchronisation reads back the last
+   accepted node, the next token and the node tokens (no n x V copy);
 4. commit the accepted path; the next tree's candidates are drawn (on the device,
    Gumbel-top-k with a key from the generation's generator) from the streams'
    processed distributions at the last accepted node.
@@ -46,7 +47,6 @@ from .drafting import Draft, Proposals, StreamDrafter, topk_indices
 from .model import SpecStreamModel
 from .sampling import (
     SamplingParams,
-    accept_sampled,
     draft_on_device,
     processed_logits,
     random_key,
@@ -103,13 +103,86 @@ def sampled_proposals(params: SamplingParams, rng: np.random.Generator) -> Propo
     return proposals
 
 
+def rejection_tables(tree: Tree) -> dict[str, np.ndarray]:
+    """Per child slot (children of each node in rank order), for every node: the child
+    (-1: none), the proposal row of its depth and its rank."""
+    n = tree.size
+    kids = [sorted(tree.children[u], key=lambda c: int(tree.rank[c])) for u in range(n)]
+    slots = max(len(k) for k in kids)
+    child = -np.ones((slots, n), dtype=np.int32)
+    for u, k in enumerate(kids):
+        child[: len(k), u] = k
+    has = child >= 0
+    row = np.where(has, tree.depth[None, :], 0).astype(np.int32)
+    rank = np.where(has, tree.rank[np.maximum(child, 0)], 0).astype(np.int32)
+    return {"child": child, "row": row, "rank": rank}
+
+
+def accept_sampled_on_device(tree: Tree, tables: dict[str, np.ndarray], tokens: mx.array,
+                             p: mx.array, q: mx.array | None, cands: mx.array | None,
+                             key: mx.array) -> mx.array:
+    """``sampling.accept_sampled`` on the device: int32 (last accepted node, next token).
+
+    Every node runs the rejection test over its children at once (one child slot at a
+    time, all nodes in parallel), each test with its own uniform draw; the accepted
+    path then follows each node's accepted child from the root, and the next token is
+    a draw (Gumbel-max) from the residual at its last node.  The host reads two
+    integers instead of n x V targets.  Same law as the host walk: every decision on
+    the path uses the same quantities and a fresh uniform (in float32 where the host
+    uses float64)."""
+    n = tree.size
+    r = p.astype(mx.float32)
+    r = r / r.sum(axis=-1, keepdims=True)
+    k_test, k_next = mx.random.split(key)
+    child = tables["child"]
+    if child.shape[0]:
+        q32 = q.astype(mx.float32)
+        V = q32.shape[-1]
+        drawn = (cands[..., None] == mx.arange(V)).astype(mx.int32)  # (rows, kmax, V)
+        before = (mx.cumsum(drawn, axis=1) - drawn) > 0  # drawn at a lower rank
+        uniforms = mx.random.uniform(shape=(child.shape[0], n), key=k_test)
+        acc = mx.full((n,), -1, dtype=mx.int32)
+        active = mx.ones((n,), dtype=mx.bool_)
+        for slot in range(child.shape[0]):
+            has = mx.array(child[slot] >= 0)
+            kid = mx.array(np.maximum(child[slot], 0))
+            row, rank = mx.array(tables["row"][slot]), mx.array(tables["rank"][slot])
+            qd = mx.where(before[row, rank], 0.0, q32[row])  # earlier candidates removed
+            mass = qd.sum(axis=-1)
+            live = active & has & (mass > 0)
+            active = active & ~(has & ~(mass > 0))  # only padding left: stop here
+            x = tokens[kid].astype(mx.int32)[:, None]
+            safe_mass = mx.where(mass > 0, mass, 1.0)
+            qx = mx.take_along_axis(qd, x, axis=-1)[:, 0] / safe_mass
+            genuine = live & (qx > 0)  # a zero-mass candidate is padding: skipped
+            take = genuine & (uniforms[slot] * qx < mx.take_along_axis(r, x, axis=-1)[:, 0])
+            acc = mx.where(take, kid, acc)
+            active = active & ~take
+            rest = mx.maximum(r - qd / safe_mass[:, None], 0.0)
+            total = rest.sum(axis=-1, keepdims=True)
+            rest = mx.where(total > 0, rest / mx.where(total > 0, total, 1.0), r)
+            r = mx.where((genuine & ~take)[:, None], rest, r)
+        node = mx.array(0, dtype=mx.int32)
+        for _ in range(tree.max_depth):
+            nxt = acc[node]
+            node = mx.where(nxt >= 0, nxt, node)
+    else:
+        node = mx.array(0, dtype=mx.int32)
+    residual = r[node]
+    nxt_token = mx.argmax(mx.log(residual) + mx.random.gumbel(residual.shape, key=k_next))
+    return mx.stack([node, nxt_token.astype(mx.int32)])
+
+
 class SampledAcceptor(GreedyAcceptor):
-    """Recursive rejection sampling over the tree (``accept_sampled``), each node's
-    target seeing its own history; greedy on the processed logits when temp == 0."""
+    """Recursive rejection sampling over the tree (``accept_sampled_on_device``), each
+    node's target seeing its own history; greedy on the processed logits when
+    temp == 0."""
 
     def __init__(self, params: SamplingParams, rng: np.random.Generator) -> None:
+        super().__init__()
         self.params, self.rng = params, rng
         self.ancestry: dict[int, tuple[Tree, list[mx.array]]] = {}
+        self.rejection: dict[int, tuple[Tree, dict[str, np.ndarray]]] = {}
 
     def _histories(self, tokens: mx.array, tree: Tree, context: list[int]) -> list | None:
         """Per node: the context before the root, then the path to the node."""
@@ -132,13 +205,15 @@ class SampledAcceptor(GreedyAcceptor):
             return mx.argmax(processed_logits(main, hists, self.params), axis=-1)
         return target_probs(main, hists, self.params)
 
-    def accept(self, tree: Tree, tokens: np.ndarray, targets: np.ndarray,
-               draft: Draft | None) -> tuple[list[int], int]:
+    def decide(self, tree: Tree, tokens: mx.array, targets: mx.array,
+               draft: Draft | None) -> mx.array:
         if self.params.greedy:
-            return super().accept(tree, tokens, targets, draft)
+            return super().decide(tree, tokens, targets, draft)
+        if id(tree) not in self.rejection:
+            self.rejection[id(tree)] = (tree, rejection_tables(tree))
         q, cands = (None, None) if draft is None else (draft.q, draft.cands)
-        q, cands = (None if a is None else np.array(a) for a in (q, cands))
-        return accept_sampled(tree, tokens, targets, q, self.rng, cands)
+        return accept_sampled_on_device(tree, self.rejection[id(tree)][1], tokens, targets,
+                                        q, cands, random_key(self.rng))
 
 
 def sampled_speculative_steps(

@@ -100,8 +100,9 @@ def test_greedy_acceptor_on_a_hand_made_tree() -> None:
     tokens = np.array([7, 5, 6, 9, 3])  # node i's token
     pred = np.array([6, 0, 3, 0, 8])  # the main stream's argmax after node i
     acceptor = GreedyAcceptor()
-    assert acceptor.accept(tree, tokens, pred, None) == ([0, 2, 4], 8)
-    assert acceptor.accept(tree, tokens, np.array([1, 0, 0, 0, 0]), None) == ([0], 1)
+    assert acceptor.accept_now(tree, mx.array(tokens), mx.array(pred), None) == ([0, 2, 4], 8)
+    assert acceptor.accept_now(tree, mx.array(tokens), mx.array([1, 0, 0, 0, 0]),
+                               None) == ([0], 1)
     assert acceptor.first(logits_ranking([11])[0], [4, 2]) == 11
     main = mx.array(np.eye(V, dtype=np.float32)[pred])
     assert np.array(acceptor.targets(main, mx.array(tokens), tree, [1])).tolist() == pred.tolist()
@@ -121,7 +122,7 @@ def test_sampled_acceptor_with_exact_streams_takes_the_whole_chain() -> None:
     assert draft.tokens.tolist() == [2, 3, 4]
     p = np.array(draft.q)
     p = np.concatenate([p, p[:1]])  # node i's target: the proposal of depth i + 1
-    path, nxt = acceptor.accept(draft.tree, np.array(draft.tokens), p, draft)
+    path, nxt = acceptor.accept_now(draft.tree, draft.tokens, mx.array(p), draft)
     assert path == [0, 1, 2] and 0 <= nxt < V
     penal = SampledAcceptor(SamplingParams(repetition_penalty=5.0, repetition_context_size=4),
                             rng)
@@ -149,7 +150,7 @@ def test_verify_prunes_and_commit_keeps_the_accepted_rows() -> None:
     assert tokens.tolist() == truth[:4]
     acceptor = GreedyAcceptor()
     targets = acceptor.targets(model.head(x[:4]), tokens, tree, context)
-    path, nxt = acceptor.accept(tree, np.array(tokens), np.array(targets), draft)
+    path, nxt = acceptor.accept_now(tree, tokens, targets, draft)
     assert (path, nxt) == ([0, 1, 2, 3], truth[4])
     before = cache.offset
     commit(model, cache, path, kept)

@@ -118,8 +118,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--cache-gb",
         type=float,
-        default=4.0,
-        help="RAM for frozen features kept across epochs (lossless)",
+        default=1.0,
+        help="GB of memory for the frozen base's features, kept across epochs in lossless "
+        "mode so later epochs skip the base's forward (default 1; batches beyond it are "
+        "recomputed each epoch; 0 keeps none; raise it when memory allows)",
     )
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-every", type=int, default=0,

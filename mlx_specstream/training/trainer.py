@@ -66,7 +66,7 @@ class TrainConfig:
     lora_rank: int = 32  # task mode
     lora_scale: float = 2.0  # task mode
     seed: int = 0
-    cache_gb: float = 4.0  # RAM for frozen features kept across epochs (lossless)
+    cache_gb: float = 1.0  # RAM for frozen features kept across epochs (lossless)
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -135,7 +135,7 @@ def frozen_features(model: SpecStreamModel, tokens: mx.array, with_main: bool = 
     rec = _KVRecorder()
     x = h
     for i in range(model.split, model.num_layers):
-        x = model._layer(i, x, positions, "causal", rec, T)
+        x = model.run_layer(i, x, positions=positions, mask="causal", cache=rec, main_rows=T)
     main = mx.stop_gradient(model.head(x)) if with_main else None
     if model.cfg.draft_method == "medusa":  # the heads read only the last hidden state
         return Features(h, {}, main, mx.stop_gradient(x))
@@ -163,7 +163,7 @@ def stream_hidden(
     mask = build_msa_mask(causal_mask(T), 0, rows, g)[T:]
     replay = _KVReplay(feats.kv)
     for i in range(model.split, model.num_layers):
-        x = model._layer(i, x, positions, mask, replay, 0)
+        x = model.run_layer(i, x, positions=positions, mask=mask, cache=replay, main_rows=0)
     return x.reshape(B, S, g, D)
 
 
