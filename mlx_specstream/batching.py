@@ -37,12 +37,14 @@ host synchronisation per step, and per sequence).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import STEP, TreeKVCache
 from .decode import (
@@ -57,10 +59,11 @@ from .decode import (
     prefill,
 )
 from .drafting import ROOT, ContextDrafter, Draft, StreamDrafter, monotone_costs
+from .generate import GenerationResponse, _encode, _find_stop, _response, _stop_holdback
 from .model import SpecStreamModel
-from .sampled import SampledAcceptor, sampled_proposals
+from .sampled import SampledAcceptor, _choose_on_device, sampled_proposals
 from .sampling import SamplingParams
-from .tree import Tree, subtree, tree_from_paths
+from .tree import Tree, product_tree, subtree, tree_from_paths
 
 COMPACT_SLACK = 64  # holes tolerated past the longest sequence before compacting
 PREFILL_CHUNK = 512  # as decode.prefill: the same chunks, the same arithmetic
@@ -341,6 +344,24 @@ class BatchEvent:
     finish: str | None = None
 
 
+class PlainSampledAcceptor(GreedyAcceptor):
+    """One token per pass, drawn on the device as ``sampled_autoregressive_steps``
+    draws it (same generator, same order: the same tokens for the same seed)."""
+
+    def __init__(self, params: SamplingParams, rng: np.random.Generator) -> None:
+        self.params, self.rng = params, rng
+
+    def targets(self, main: mx.array, tokens: mx.array, tree: Tree,
+                context: list[int]) -> mx.array:
+        c = self.params.history_size
+        hist = mx.array(context[-c:], dtype=mx.int32) if c else None
+        return _choose_on_device(main[0], hist, self.params, self.rng).reshape(1)
+
+    def accept(self, tree: Tree, tokens: np.ndarray, targets: np.ndarray,
+               draft: Draft | None) -> tuple[list[int], int]:
+        return [0], int(targets[0])
+
+
 def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bool = True,
                  tree: Tree | None = None, dynamic: bool | None = None,
                  lookup_branches: int | None = None, rng: np.random.Generator | None = None
@@ -357,6 +378,8 @@ def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bo
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
     if not params.plain_greedy:
         rng = rng if rng is not None else params.make_rng()
+        if tree.size == 1:
+            return StreamDrafter(ROOT), PlainSampledAcceptor(params, rng)
         return (StreamDrafter(tree, sampled_proposals(params, rng)),
                 SampledAcceptor(params, rng))
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
@@ -622,3 +645,178 @@ def _stream_confidence(stream_logits: mx.array, kmax: int) -> mx.array:
     p = mx.exp(sl - mx.logsumexp(sl, axis=-1, keepdims=True))
     return -mx.sort(-p, axis=-1)[..., :kmax] if kmax < p.shape[-1] else -mx.sort(-p, axis=-1)
 
+# ------------------------------------------------------------------ text and stats
+
+
+class TextStream:
+    """The text side of one sequence, token by token, as ``generate.stream_generate``
+    makes it: detokenised segments, stop strings (cut before, held back while they
+    may be starting), one ``GenerationResponse`` per token and a final one with the
+    finish reason.  The decoder has already dropped end-of-sequence tokens."""
+
+    def __init__(self, tokenizer: TokenizerWrapper, prompt_tokens: int,
+                 stop: Sequence[str] | None, stats: DecodeStats, prompt_time: float) -> None:
+        self.detok = copy.copy(tokenizer.detokenizer)
+        self.detok.reset()
+        self.stops = [s for s in (stop or []) if s]
+        self.ids = mx.zeros((prompt_tokens,), mx.int32)  # _response reads its length
+        self.stats = stats
+        self.prompt_tps = prompt_tokens / max(prompt_time, 1e-9)
+        self.tic = time.perf_counter()
+        self.n = 0
+        self.emitted = 0
+        self.token = -1
+        self.done = False
+        self.text = ""
+
+    def push(self, token: int) -> GenerationResponse:
+        """The response of one more token; after a stop string it is the final one
+        (``done`` is then set and later tokens are to be dropped)."""
+        self.n += 1
+        self.token = token
+        self.detok.add_token(token)
+        text = self.detok.text
+        end = len(text)
+        if self.stops:
+            if _find_stop(text, self.stops) >= 0:
+                return self.end("stop")
+            end -= _stop_holdback(text, self.stops)
+        segment = ""
+        if end > self.emitted:
+            segment, self.emitted = text[self.emitted : end], end
+        self.text += segment
+        return _response(segment, token, self.ids, self.prompt_tps, self.n, self.tic,
+                         self.stats, None)
+
+    def end(self, finish: str | None) -> GenerationResponse:
+        """The final response: the text held back, cut at a stop string."""
+        self.done = True
+        self.detok.finalize()
+        text = self.detok.text
+        hit = _find_stop(text, self.stops) if self.stops else -1
+        if hit >= 0:
+            text, finish = text[:hit], "stop"
+        segment = text[self.emitted :] if len(text) > self.emitted else ""
+        self.emitted = max(self.emitted, len(text))
+        self.text += segment
+        return _response(segment, self.token, self.ids, self.prompt_tps, self.n, self.tic,
+                         self.stats, finish or "length")
+
+
+@dataclass
+class SequenceStats:
+    """Statistics of one sequence of a batch."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    generation_tps: float  # tokens/s of this sequence from its first token to its last
+    prompt_tps: float
+    forward_passes: int  # batched passes it took part in after its prefill
+    tokens_per_pass: float
+    acceptance: list[float]  # fraction of its passes accepting >= d drafts, per depth d
+    lookup_accepted: int
+    finish_reason: str
+
+
+@dataclass
+class BatchResponse:
+    """The result of ``batch_generate``: as mlx-lm's, with per-sequence statistics."""
+
+    texts: list[str]
+    stats: list[SequenceStats]
+    token_ids: list[list[int]]
+    passes: int  # batched passes
+    rows: int  # tree rows through those passes, padding included
+    elapsed: float  # seconds, prefills included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.generation_tokens for s in self.stats) / max(self.elapsed, 1e-9)
+
+
+def batch_generate(
+    model: SpecStreamModel,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[str | Sequence[int]],
+    max_tokens: int | Sequence[int] = 256,
+    *,
+    verbose: bool = False,
+    speculative: bool = True,
+    tree_topk: Sequence[int] | None = None,
+    dynamic_tree: bool | None = None,
+    lookup_branches: int | None = None,
+    size_trees: bool = True,
+    stop: Sequence[str] | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | Sequence[int | None] | None = None,
+) -> BatchResponse:
+    """Generate for every prompt in one batch (``BatchDecoder``); the shape of mlx-lm's
+    ``batch_generate``.  prompts: texts or token ids; max_tokens: one for all or one per
+    prompt; seed: one per prompt, or an int s giving prompt i the seed s + i (a batched
+    sequence draws the same tokens as ``stream_generate`` with its seed when the batch
+    does not resize its tree: ``size_trees=False``).  The other options are
+    ``stream_generate``'s; size_trees: size each step's drafts for the batch."""
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    count = len(prompts)
+    maxes = [max_tokens] * count if isinstance(max_tokens, int) else list(max_tokens)
+    seeds = ([None if seed is None else seed + i for i in range(count)]
+             if seed is None or isinstance(seed, int) else list(seed))
+    if len(maxes) != count or len(seeds) != count:
+        raise ValueError("max_tokens and seed lists need one entry per prompt")
+    tree = product_tree(tree_topk) if speculative and tree_topk is not None else None
+    decoder = BatchDecoder(model, eos_token_ids=tokenizer.eos_token_ids, size_trees=size_trees)
+    tic = time.perf_counter()
+    uids = []
+    for prompt, m, s in zip(prompts, maxes, seeds, strict=True):
+        params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                repetition_penalty=repetition_penalty,
+                                repetition_context_size=repetition_context_size, seed=s)
+        uids.append(decoder.add(_encode(tokenizer, prompt), m, params, speculative=speculative,
+                                tree=tree, dynamic_tree=dynamic_tree,
+                                lookup_branches=lookup_branches))
+    states = {u: decoder.sequence(u) for u in uids}
+    streams: dict[int, TextStream] = {}
+    tokens: dict[int, list[int]] = {u: [] for u in uids}
+    finals: dict[int, GenerationResponse] = {}
+    while decoder.active:
+        for ev in decoder.step():
+            seq = states[ev.uid]
+            if ev.uid not in streams:
+                streams[ev.uid] = TextStream(tokenizer, seq.prompt.shape[0], stop, seq.stats,
+                                             seq.prompt_time)
+            ts = streams[ev.uid]
+            for t in ev.tokens:
+                r = ts.push(t)
+                tokens[ev.uid].append(t)
+                if ts.done:
+                    finals[ev.uid] = r
+                    decoder.cancel(ev.uid)
+                    break
+            if ev.finish is not None and not ts.done:
+                finals[ev.uid] = ts.end(ev.finish)
+            if verbose and ev.uid in finals:
+                print(f"[batch_generate] {len(finals)}/{count} done", end="\r", flush=True)
+    elapsed = time.perf_counter() - tic
+    stats = []
+    for u in uids:
+        r, st = finals[u], states[u].stats
+        stats.append(SequenceStats(
+            prompt_tokens=r.prompt_tokens, generation_tokens=len(tokens[u]),
+            generation_tps=r.generation_tps, prompt_tps=r.prompt_tps,
+            forward_passes=st.forward_passes, tokens_per_pass=st.tokens_per_pass,
+            acceptance=st.acceptance_rate(), lookup_accepted=st.lookup_accepted,
+            finish_reason=r.finish_reason or "length"))
+    if verbose:
+        print()
+        total = sum(s.generation_tokens for s in stats)
+        print(f"[batch_generate] {count} sequences, {total} tokens in {elapsed:.2f} s "
+              f"({total / max(elapsed, 1e-9):.1f} tokens/s), {decoder.passes} passes")
+    return BatchResponse(texts=[streams[u].text for u in uids], stats=stats,
+                         token_ids=[tokens[u] for u in uids], passes=decoder.passes,
+                         rows=decoder.rows, elapsed=elapsed)
