@@ -342,6 +342,7 @@ class BatchEvent:
     uid: int
     tokens: list[int]
     finish: str | None = None
+    state: SequenceState | None = None
 
 
 class PlainSampledAcceptor(GreedyAcceptor):
@@ -502,7 +503,7 @@ class BatchDecoder:
         self.waiting.remove(seq)
         seq.prompt_time = time.perf_counter() - seq.started
         seq.produced = 1
-        ev = BatchEvent(seq.uid, [first])
+        ev = BatchEvent(seq.uid, [first], state=seq)
         if first in self.eos:
             ev.tokens, ev.finish = [], "stop"
         elif seq.max_tokens <= 1:
@@ -564,7 +565,7 @@ class BatchDecoder:
         g = model.cfg.num_streams
         drafts = self._drafts()
         full = [b for b, d in enumerate(drafts) if d is None]
-        events = [BatchEvent(self.running[b].uid, [], "length") for b in full]
+        events = [BatchEvent(self.running[b].uid, [], "length", self.running[b]) for b in full]
         if full:
             self._retire(full)
             drafts = [d for d in drafts if d is not None]
@@ -628,7 +629,7 @@ class BatchDecoder:
                 out.append(t)
             if seq.finish is None and seq.produced >= seq.max_tokens:
                 seq.finish = "length"
-            events.append(BatchEvent(seq.uid, out, seq.finish))
+            events.append(BatchEvent(seq.uid, out, seq.finish, seq))
         self._retire([b for b, s in enumerate(self.running) if s.finish is not None])
         return events
 
@@ -820,3 +821,29 @@ def batch_generate(
     return BatchResponse(texts=[streams[u].text for u in uids], stats=stats,
                          token_ids=[tokens[u] for u in uids], passes=decoder.passes,
                          rows=decoder.rows, elapsed=elapsed)
+
+
+SAMPLING_OPTIONS = ("temp", "top_p", "top_k", "min_p", "repetition_penalty",
+                    "repetition_context_size", "seed")
+
+
+def add_with_options(decoder: BatchDecoder, prompt: Sequence[int] | mx.array, max_tokens: int,
+                     **options) -> int:
+    """``decoder.add`` with ``stream_generate``'s keyword options (speculative,
+    tree_topk, dynamic_tree, lookup_branches and the sampling options).  The early-exit
+    ``prune_threshold`` is not used in a batch; the lookup drafter is refused."""
+    if options.pop("drafter", "streams") != "streams":
+        raise ValueError("a batch drafts with the streams: the lookup drafter is not batched")
+    options.pop("prune_threshold", None)
+    params = SamplingParams(**{k: options.pop(k) for k in SAMPLING_OPTIONS if k in options
+                               and options[k] is not None})
+    speculative = bool(options.pop("speculative", True))
+    topk = options.pop("tree_topk", None)
+    tree = product_tree(topk) if speculative and topk is not None else None
+    dynamic = options.pop("dynamic_tree", None)
+    lookup = options.pop("lookup_branches", None)
+    if options:
+        raise TypeError(f"unknown options {sorted(options)}")
+    return decoder.add(prompt, max_tokens, params, speculative=speculative, tree=tree,
+                       dynamic_tree=dynamic if params.plain_greedy else None,
+                       lookup_branches=lookup)
