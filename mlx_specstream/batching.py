@@ -329,6 +329,8 @@ class SequenceState:
     subtrees: dict = field(default_factory=dict)
     started: float = 0.0
     prompt_time: float = 0.0
+    branch_continued: int = 0  # context-branch tokens accepted
+    branch_stopped: int = 0  # context branches rejected before their end
     paused: bool = False  # this pass: the adaptive pause holds the streams back
     wants_streams: bool = False  # this pass: the streams must run for this sequence
 
@@ -520,32 +522,45 @@ class BatchDecoder:
         """Each running sequence's draft (None: its context is full), sized for the batch.
         Sets each sequence's ``paused`` and ``wants_streams`` for this pass."""
         drafts: list[Draft | None] = []
-        sized: list[int] = []
         for b, seq in enumerate(self.running):
             seq.paused = seq.pause.active
             seq.wants_streams = seq.pause.take() if seq.paused else seq.drafter.uses_streams
             room = seq.limit - int(self.cache.lengths[b])
-            draft = seq.drafter.propose(seq.context, room, seq.paused)
-            drafts.append(draft)
-            if (draft is not None and draft.tree.size > 1 and not draft.branch
-                    and seq.stream_logits is not None):
-                sized.append(b)
+            drafts.append(seq.drafter.propose(seq.context, room, seq.paused))
+        sized = [b for b, d in enumerate(drafts) if d is not None and d.tree.size > 1]
         if not (self.size_trees and sized and len(self.running) > 1):
             return drafts
-        conf = [_stream_confidence(self.running[b].stream_logits, drafts[b].tree.kmax)
-                for b in sized]
-        mx.eval(*conf)
-        probs = [node_probabilities(drafts[b].tree, np.array(c))
-                 for b, c in zip(sized, conf, strict=True)]
-        others = [d.tree.size for b, d in enumerate(drafts) if d is not None and b not in sized]
-        size = batch_tree_size(probs, self.pass_cost, others=len(others),
-                               min_rows=max(others, default=1))
+        with_streams = [b for b in sized if drafts[b].streams > 1
+                        and self.running[b].stream_logits is not None]
+        conf = {b: _stream_confidence(self.running[b].stream_logits, drafts[b].tree.kmax)
+                for b in with_streams}
+        mx.eval(*conf.values())
+        probs = [self._node_probs(self.running[b], drafts[b],
+                                  np.array(conf[b]) if b in conf else None) for b in sized]
+        others = len(self.running) - len(sized)
+        size = batch_tree_size(probs, self.pass_cost, others=others)
         for b, p in zip(sized, probs, strict=True):
             drafts[b] = self._truncate(self.running[b], drafts[b], p, size)
         return drafts
 
+    @staticmethod
+    def _node_probs(seq: SequenceState, draft: Draft, conf: np.ndarray | None) -> np.ndarray:
+        """Acceptance estimates of a draft's nodes: stream nodes from the streams'
+        probabilities (``node_probabilities``; a flat 0.5 per depth before the streams
+        were read), context-branch nodes from the sequence's record of how often a
+        branch token is followed by an accepted one."""
+        tree = draft.tree
+        if conf is None:
+            conf = np.full((max(tree.max_depth, 1), tree.kmax), 0.5)
+        probs = node_probabilities(tree, conf)
+        rate = (seq.branch_continued + 1) / (seq.branch_continued + seq.branch_stopped + 2)
+        for i in range(draft.streams, tree.size):  # parents come first
+            probs[i] = probs[int(tree.parent[i])] * rate
+        return probs
+
     def _truncate(self, seq: SequenceState, draft: Draft, probs: np.ndarray,
                   size: int) -> Draft:
+        """The draft restricted to its ``size`` most probable nodes."""
         if size >= draft.tree.size:
             return draft
         keep = kept_nodes(draft.tree, probs, size)
@@ -557,8 +572,12 @@ class BatchDecoder:
                                  mx.array(t.mask) if t.size > 1 else None,
                                  mx.array(np.maximum(t.parent, 0).astype(np.int32)))
         t, idx, depth, mask, parent = seq.subtrees[key]
-        return Draft(t, draft.tokens[idx], depth, mask, parent, streams=t.size, q=draft.q,
-                     cands=draft.cands)
+        kept = keep.tolist()
+        on_branch = set(draft.branch)
+        return Draft(t, draft.tokens[idx], depth, mask, parent,
+                     streams=sum(i < draft.streams for i in kept),
+                     branch=[j for j, i in enumerate(kept) if i in on_branch],
+                     q=draft.q, cands=draft.cands)
 
     def _decode(self) -> list[BatchEvent]:
         model, cache = self.model, self.cache
@@ -602,6 +621,10 @@ class BatchDecoder:
             path, nxt = seq.acceptor.accept(d.tree, tok_np[b, :n], np.array(targets[b]), d)
             paths.append(path)
             news.append([int(tok_np[b, i]) for i in path[1:]] + [nxt])
+            if n > d.streams:  # a context branch (a chain): did it run to its end?
+                taken = sum(i >= d.streams for i in path)
+                seq.branch_continued += taken
+                seq.branch_stopped += taken < n - d.streams
             # As speculative_loop: a paused pass without a context branch is a plain pass.
             seq.stats.record_tree_pass(0 if seq.paused and not d.branch else n, path,
                                        d.streams if d.tree.size > d.streams else 0)

@@ -266,3 +266,29 @@ def test_batch_generate_equals_generate(api_model) -> None:
         assert s1.texts[i] == generate(model, tokenizer, p, 15, temp=1.0, seed=5 + i)
     with pytest.raises(ValueError, match="one entry per prompt"):
         batch_generate(model, tokenizer, prompts, [3, 4])
+
+
+def test_batch_sizes_stream_trees_and_context_branches_by_cost() -> None:
+    """Rows that cost a pass each shrink every draft to its root (plain decoding);
+    free rows keep whole trees and branches, which the repeating model accepts."""
+    model = repeating_model()
+    runs = {}
+    for name, costs in (("steep", [float(n) for n in range(1, 65)]), ("free", [1.0] * 64)):
+        decoder = BatchDecoder(model)
+        decoder.pass_cost = monotone_costs(costs)
+        ids = [decoder.add(p, n, tree=product_tree([2, 1]), lookup_branches=4)
+               for p, n in zip(PROMPTS, MAXES, strict=True)]
+        out = run(decoder)
+        for uid, p, n in zip(ids, PROMPTS, MAXES, strict=True):
+            assert out[uid] == alone(model, p, n, product_tree([2, 1]), lookup_branches=4)
+        runs[name] = decoder
+    steep, free = runs["steep"], runs["free"]
+    assert free.passes < steep.passes and free.rows > steep.rows
+    assert steep.rows <= len(PROMPTS) * steep.passes
+
+
+def test_cost_curve_covers_every_row_count_up_to_the_largest_measured() -> None:
+    from mlx_specstream.calibrate import cost_curve
+
+    curve = cost_curve({"autoregressive": 2.0, "tree": {"1": 2.0, "2": 3.0, "4": 4.0}})
+    assert curve == [1.0, 1.5, 1.75, 2.0]
