@@ -5,14 +5,16 @@ one run.
 Each server runs as its own process on a free port of 127.0.0.1 (one at a time, so
 they never compete for the CPU), with the optimized BLAS set up the same way for all
 (mlx_lm.server is started after ``import mlx_specstream``).  After one warm-up request,
-each level starts ``clients`` clients at once; each sends ``--requests`` chat requests
-(temperature 0, ``--max-tokens``), a different prompt each, and starts no new one after
-``--level-timeout`` seconds.  Per server and level: aggregate completion tokens/s
-(all clients, wall time of the level), per-request latency (median, worst), the worst
-latency over the 1-client median, and whether every output equals the 1-client output
-of its prompt.  Prints a table and writes results/load_test.{json,md,png}.
+every level serves the same ``--prompts`` chat requests (temperature 0, ``--max-tokens``)
+shared by its clients, started at once (client i sends requests i, i + clients, ...);
+no client starts a request after ``--level-timeout`` seconds.  The 1-client level
+serves each request alone: the reference.  Per server and level: aggregate completion
+tokens/s (wall time of the level) and its ratio to 1 client, per-request latency
+(median, worst), the worst ratio of a request's latency to its latency alone, and
+whether every output equals its output alone.  Prints a table and writes
+results/load_test.{json,md,png}.
 
-    python benchmarks/load_test.py [--model PATH] [--clients 1 2 4 8] [--requests 1]
+    python benchmarks/load_test.py [--model PATH] [--clients 1 2 4 8] [--prompts 8]
         [--max-tokens 32] [--servers ours ours-ar mlx-lm]
 """
 
@@ -176,8 +178,11 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
     raise RuntimeError(f"the server did not answer within {timeout} s")
 
 
-def run_level(port: int, clients: int, requests: int, max_tokens: int, timeout: float,
+def run_level(port: int, clients: int, prompts: list[str], max_tokens: int, timeout: float,
               level_timeout: float) -> tuple[list[Result], float]:
+    """``clients`` clients share ``prompts`` (client i sends prompts i, i + clients, ...
+    one after the other, every other one streamed); none starts a request after
+    ``level_timeout`` seconds.  Returns the results and the wall time."""
     results: list[Result] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
@@ -185,11 +190,10 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, timeout: 
 
     def client(i: int) -> None:
         barrier.wait()
-        for j in range(requests):
-            if j and time.perf_counter() > stop_at[0]:
+        for k in range(i, len(prompts), clients):
+            if k > i and time.perf_counter() > stop_at[0]:
                 return
-            prompt = PROMPTS[(i * requests + j) % len(PROMPTS)]
-            r = request(port, prompt, max_tokens, stream=(i + j) % 2 == 1, chat=True,
+            r = request(port, prompts[k], max_tokens, stream=k % 2 == 1, chat=True,
                         timeout=timeout)
             with lock:
                 results.append(r)
@@ -205,43 +209,50 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, timeout: 
 
 
 def measure_server(name: str, model: str, levels: list[int], args) -> list[dict[str, Any]]:
+    """The levels in order; the first (1 client) serves each prompt alone: its outputs
+    and latencies are the reference of the others."""
     port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(server_command(name, model, port), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     rows: list[dict[str, Any]] = []
     try:
         wait_ready(proc, port, args.start_timeout)
         request(port, PROMPTS[0], 8, False, True, args.timeout)  # warm-up (compiles)
-        single: dict[str, str | None] = {}
-        single_latency = None
+        alone: dict[str, Result] = {}
+        base_tps = None
         for clients in levels:
-            results, wall = run_level(port, clients, args.requests, args.max_tokens,
-                                      args.timeout, args.level_timeout)
+            results, wall = run_level(port, clients, prompts, args.max_tokens, args.timeout,
+                                      args.level_timeout)
             ok = [r for r in results if r.error is None]
+            if not alone:
+                alone = {r.prompt: r for r in ok}
             lat = [r.latency_s for r in ok]
-            if clients == levels[0]:
-                single.update({r.prompt: r.text for r in ok})
-                single_latency = statistics.median(lat) if lat else None
-            same = [r.text == single[r.prompt] for r in ok if r.prompt in single]
+            slow = [r.latency_s / alone[r.prompt].latency_s for r in ok if r.prompt in alone]
+            same = [r.text == alone[r.prompt].text for r in ok if r.prompt in alone]
             tokens = sum(r.completion_tokens for r in ok)
+            tps = tokens / wall
+            base_tps = base_tps or tps
             row = {
                 "server": name, "clients": clients, "requests": len(results),
                 "failures": len(results) - len(ok), "wall_s": round(wall, 2),
-                "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+                "tokens": tokens, "tokens_per_s": round(tps, 2),
+                "throughput_over_1_client": round(tps / base_tps, 2),
                 "latency_median_s": round(statistics.median(lat), 2) if lat else None,
                 "latency_worst_s": round(max(lat), 2) if lat else None,
-                "worst_over_single": round(max(lat) / single_latency, 2)
-                if lat and single_latency else None,
+                "worst_latency_over_alone": round(max(slow), 2) if slow else None,
                 "tokens_per_pass": round(statistics.fmean(r.tokens_per_pass for r in ok), 3)
                 if ok else None,
-                "outputs_equal_single": all(same) if same else None,
+                "outputs_equal_alone": all(same) if same else None,
                 "errors": sorted({r.error for r in results if r.error})[:3],
             }
             rows.append(row)
-            print(f"  {name:8s} {clients} client(s): {row['tokens_per_s']} tokens/s, "
-                  f"latency median {row['latency_median_s']} s, worst "
-                  f"{row['latency_worst_s']} s, failures {row['failures']}", flush=True)
+            print(f"  {name:8s} {clients} client(s): {row['tokens_per_s']} tokens/s "
+                  f"(x{row['throughput_over_1_client']}), latency median "
+                  f"{row['latency_median_s']} s, worst {row['latency_worst_s']} s "
+                  f"(x{row['worst_latency_over_alone']} alone), failures {row['failures']}",
+                  flush=True)
     finally:
         proc.terminate()
         try:
@@ -254,19 +265,18 @@ def measure_server(name: str, model: str, levels: list[int], args) -> list[dict[
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = ["server", "clients", "requests", "tokens/s", "x 1 client", "latency median s",
-            "latency worst s", "worst / 1-client median", "tokens/pass", "= 1-client output"]
-    base = {r["server"]: r["tokens_per_s"] for r in rows if r["clients"] == 1}
+            "latency worst s", "worst / alone", "tokens/pass", "= alone"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        scale = r["tokens_per_s"] / base[r["server"]] if base.get(r["server"]) else None
         cells = [SERVERS[r["server"]], r["clients"], f"{r['requests']} ({r['failures']} failed)",
-                 r["tokens_per_s"], f"{scale:.2f}" if scale else "-", r["latency_median_s"],
-                 r["latency_worst_s"], r["worst_over_single"], r["tokens_per_pass"] or "-",
-                 {True: "yes", False: "NO", None: "-"}[r["outputs_equal_single"]]]
+                 r["tokens_per_s"], r["throughput_over_1_client"], r["latency_median_s"],
+                 r["latency_worst_s"], r["worst_latency_over_alone"], r["tokens_per_pass"] or "-",
+                 {True: "yes", False: "NO", None: "-"}[r["outputs_equal_alone"]]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return (f"Load test: {meta['model']}, chat requests at temperature 0, "
-            f"{meta['max_tokens']} max tokens, {meta['requests']} request(s) per client; "
-            f"{meta['machine']}.\n\n" + "\n".join(lines) + "\n")
+    return (f"Load test: {meta['model']}; the same {meta['prompts']} chat requests "
+            f"(temperature 0, {meta['max_tokens']} max tokens) at every level, shared by the "
+            f"clients; 1 client = each request alone; {meta['machine']}.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -300,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="concurrency levels (default 1 2 4 8; the first is the reference)")
-    p.add_argument("--requests", type=int, default=1, help="requests per client (default 1)")
+    p.add_argument("--prompts", type=int, default=8,
+                   help="requests per level, shared by its clients (default 8)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure_server(name, args.model, args.clients, args)
         except RuntimeError as e:
             print(f"  {name} failed: {e}", file=sys.stderr)
-    meta = {"model": args.model, "max_tokens": args.max_tokens, "requests": args.requests,
+    meta = {"model": args.model, "max_tokens": args.max_tokens, "prompts": args.prompts,
             "clients": args.clients, "machine": f"{os.cpu_count()} CPU cores"}
     table = markdown(rows, meta)
     print()
@@ -332,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out.with_suffix(".json"), json.dumps({**meta, "rows": rows}, indent=2))
     atomic_write_text(out.with_suffix(".md"), table)
     plot(rows, out.with_suffix(".png"))
-    bad = [r for r in rows if r["failures"] or r["outputs_equal_single"] is False]
+    bad = [r for r in rows if r["failures"] or r["outputs_equal_alone"] is False]
     return 1 if bad and any(r["server"] != "mlx-lm" for r in bad) else 0
 
 

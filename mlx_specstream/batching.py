@@ -339,7 +339,7 @@ class SequenceState:
 class BatchEvent:
     """What one step produced for one sequence: its new tokens and, when it ended,
     why ("stop": an end-of-sequence token, not included; "length": max_tokens or the
-    context; "cancelled")."""
+    context).  A cancelled sequence produces no more events."""
 
     uid: int
     tokens: list[int]
