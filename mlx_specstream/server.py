@@ -57,7 +57,7 @@ import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 import mlx.core as mx
 
 from .batching import BatchDecoder, BatchEvent, TextStream, add_with_options
-from .generate import GenerationResponse, load, stream_generate
+from .generate import GenerationResponse, _encode, load, stream_generate
 from .generate_cli import (
     add_decoding_arguments,
     add_model_argument,
@@ -563,7 +563,7 @@ class Engine:
         uids: list[int] = []
         try:
             prompt = self._prompt_ids(req)
-            ids = (self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+            ids = _encode(self.tokenizer, prompt)  # as stream_generate encodes it
             kwargs = self._request_kwargs(req)
             for i in range(req.n):
                 kw = dict(kwargs)
