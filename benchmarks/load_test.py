@@ -297,6 +297,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     b.set(xlabel="concurrent clients", ylabel="median request latency (s)", xscale="log",
           xticks=xs)
     for ax in (a, b):
+        ax.minorticks_off()
         ax.set_xticklabels([str(x) for x in xs])
         ax.grid(alpha=0.3)
     a.legend(fontsize=8)
