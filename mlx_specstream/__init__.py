@@ -8,7 +8,9 @@ from . import backend
 
 backend.setup()
 
+from .batching import BatchDecoder, BatchResponse, batch_generate  # noqa: E402
 from .generate import GenerationResponse, generate, load, stream_generate  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse"]
+__all__ = ["load", "generate", "stream_generate", "batch_generate", "GenerationResponse",
+           "BatchDecoder", "BatchResponse"]
 __version__ = "0.1.0"

@@ -34,7 +34,9 @@ from .model import SpecStreamModel, causal_mask
 from .tree import best_paths
 
 CALIBRATION_FILE = "calibration.json"
-DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+# Up to 64 nodes: a batched pass carries every sequence's tree (8 sequences x 8 nodes),
+# and its cost is read off this curve (see ``apply_result``).
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 
 
 def measure_cost(
@@ -231,14 +233,22 @@ def calibrate_folder(
 
 def apply_result(section: dict, result: dict) -> None:
     """Store a calibration result in a config section: the chosen tree, its cost ratio
-    (for the adaptive pause) and the cost of each tree size (for dynamic chains)."""
+    (for the adaptive pause) and ``tree_costs``: the cost of a pass of n nodes over a
+    plain pass for every n up to the largest measured (linear between measured sizes),
+    read by dynamic chains and by the batch's tree size (``batching.batch_tree_size``:
+    a pass of B sequences with L nodes each costs what a pass of B * L nodes costs)."""
     cost, choice = result["cost"], result["choice"]
     section["tree_paths"] = choice["tree_paths"]
     section["draft_cost_ratio"] = round(choice["best"]["seconds"] / cost["autoregressive"], 3)
+    section["tree_costs"] = cost_curve(cost)
+
+
+def cost_curve(cost: dict) -> list[float]:
+    """Measured pass costs over the plain pass for n = 1, 2, ... up to the largest
+    measured size, interpolated linearly between the measured sizes."""
     sizes = sorted(int(n) for n in cost["tree"])
-    consecutive = [n for i, n in enumerate(sizes, start=1) if n == i]
-    section["tree_costs"] = [round(cost["tree"][str(n)] / cost["autoregressive"], 3)
-                             for n in consecutive]
+    ratios = [cost["tree"][str(n)] / cost["autoregressive"] for n in sizes]
+    return [round(float(np.interp(n, sizes, ratios)), 3) for n in range(1, sizes[-1] + 1)]
 
 
 def _write_json(path: Path, obj: object) -> None:

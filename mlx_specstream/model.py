@@ -269,6 +269,18 @@ def build_msa_mask(
     return mx.concatenate([mx.concatenate(main, axis=1), mx.concatenate(streams, axis=1)], axis=0)
 
 
+def attention_mask(new_mask: mx.array, cache, stream_rows: mx.array | None,
+                   num_streams: int) -> mx.array:
+    """The mask of a layer over ``new_mask`` (see ``build_msa_mask``).  A cache that holds
+    several sequences (``batching.BatchKVCache``) builds it itself: which of its slots
+    each sequence sees is known to it alone."""
+    own = getattr(cache, "attention_mask", None)
+    if own is not None:
+        return own(new_mask, stream_rows, num_streams)
+    return build_msa_mask(new_mask, cache.offset if cache is not None else 0, stream_rows,
+                          num_streams)
+
+
 def causal_mask(n: int) -> mx.array:
     idx = mx.arange(n)
     return idx[:, None] >= idx[None, :]
@@ -417,10 +429,9 @@ class SpecStreamModel(nn.Module):
 
     def _mask(self, new_mask: mx.array | None, cache: TreeKVCache | None, L: int):
         """Mask for main-only layers. None means causal over the new tokens."""
-        cached = cache.offset if cache is not None else 0
         if new_mask is None:
             return None if L == 1 else "causal"
-        return build_msa_mask(new_mask, cached, None, 0)
+        return attention_mask(new_mask, cache, None, 0)
 
     def lower(
         self,
@@ -469,8 +480,7 @@ class SpecStreamModel(nn.Module):
             x = mx.concatenate([h, streams.reshape(B, S * g, D)], axis=1)
             pos = mx.concatenate([positions, mx.repeat(positions[:, rows], g, axis=1)], axis=1)
             new_mask = causal_mask(L) if mask is None else mask
-            cached = cache.offset if cache is not None else 0
-            m = build_msa_mask(new_mask, cached, rows, g)
+            m = attention_mask(new_mask, cache, rows, g)
         else:
             x, pos, m = h, positions, self._mask(mask, cache, L)
         for i in range(self.split, self.num_layers):

@@ -8,9 +8,14 @@ accepted_per_depth and lookup_accepted.
 
 Only the standard library is used (``http.server.ThreadingHTTPServer``).  Every
 request is parsed and validated on its own connection thread; the generation itself
-runs on one worker thread that takes jobs first come, first served, so one model
-serves any number of clients, none dropped.  A client that disconnects (checked
-between tokens, and while its job waits in the queue) has its generation stopped.
+runs on one worker thread that serves every request in one continuous batch
+(``batching.BatchDecoder``): requests join the running batch between steps (a new
+prompt is prefilled one chunk per step, so the others keep decoding) and leave it when
+they end; one forward pass verifies and drafts for all of them.  ``n`` > 1 runs as
+that many sequences of the batch.  A client that disconnects (checked between tokens,
+and while its job waits) has its sequences dropped from the batch; a request that
+fails validation never reaches it, so neither disturbs the others.  ``usage`` adds
+per-request tokens_per_second and acceptance (per depth), also logged per request.
 
 Sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty,
 repetition_context_size, seed) are passed on to ``stream_generate`` (a build that
@@ -32,6 +37,7 @@ In-process use (tests, benchmarks)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import queue
 import select
@@ -50,7 +56,8 @@ import mlx_specstream  # noqa: F401  (BLAS set-up before mlx.core is imported)
 
 import mlx.core as mx
 
-from .generate import GenerationResponse, load, stream_generate
+from .batching import BatchDecoder, BatchEvent, TextStream, add_with_options
+from .generate import GenerationResponse, _encode, load, stream_generate
 from .generate_cli import (
     add_decoding_arguments,
     add_model_argument,
@@ -63,6 +70,8 @@ from .generate_cli import (
 DEFAULT_MAX_TOKENS = 512
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 8  # n: sequences of one request
+PREFILL_CHUNK = 256  # prompt tokens prefilled per batch step (the others wait that long)
 POLL_S = 0.05  # how often a waiting connection thread checks its client
 
 StreamFn = Callable[..., Iterator[GenerationResponse]]
@@ -239,6 +248,7 @@ class CompletionRequest:
     include_usage: bool
     stop: list[str]
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    n: int = 1
 
 
 def parse_request(
@@ -291,8 +301,8 @@ def parse_request(
         )
 
     n = _opt_int(body, "n")
-    if n is not None and n != 1:
-        raise ApiError(400, "only n=1 is supported", "n", "unsupported_value")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' must be in [1, {MAX_CHOICES}], got {n}", "n", "invalid_value")
     if chat and body.get("logprobs"):
         raise ApiError(400, "logprobs are not supported", "logprobs", "unsupported_value")
     if not chat and body.get("logprobs") not in (None, 0, False):
@@ -354,6 +364,7 @@ def parse_request(
         include_usage=include_usage,
         stop=stop,
         gen_kwargs=gen_kwargs,
+        n=n or 1,
     )
 
 
@@ -364,13 +375,25 @@ _DONE = object()
 
 
 class Job:
-    """One generation: its request, an output queue (responses, then an exception or
-    nothing, then _DONE) and a cancellation flag."""
+    """One request: its request, an output queue ((choice index, response) pairs, then
+    an exception or nothing, then _DONE) and a cancellation flag."""
 
     def __init__(self, request: CompletionRequest) -> None:
         self.request = request
         self.out: queue.Queue[Any] = queue.Queue()
         self.cancelled = threading.Event()
+        self.id = uuid.uuid4().hex[:12]
+        self.submitted = time.perf_counter()
+
+
+@dataclass
+class _Choice:
+    """A sequence of the batch serving one choice of a job."""
+
+    job: Job
+    index: int
+    text: TextStream | None = None
+    final: GenerationResponse | None = None
 
 
 class Engine:
@@ -385,14 +408,24 @@ class Engine:
         decode_kwargs: dict[str, Any] | None = None,
         stream_fn: StreamFn | None = None,
         request_defaults: dict[str, Any] | None = None,
+        log: bool = False,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.model = model
+        self.log = log
+        self.prefill_chunk = prefill_chunk
         self.request_defaults = dict(request_defaults or {})
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.model_ids = {model_id, "default"}
         self.decode_kwargs = dict(decode_kwargs or {})
         self.stream_fn: StreamFn = stream_fn or stream_generate
+        # One continuous batch, unless a test replaces the generator (one job at a
+        # time then) or the lookup drafter, which is not batched, is asked for.
+        self.batching = stream_fn is None and self.decode_kwargs.get("drafter") in (
+            None, "streams")
+        self.batch_size = 0  # sequences in the running batch
+        self.max_batch_size = 0
         args = getattr(model, "args", None)
         self.context = int(getattr(args, "max_position_embeddings", None) or 1 << 30)
         self.created = int(time.time())
@@ -457,9 +490,128 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            self._serve_jobs()
+            if self.batching:
+                self._serve_batch()
+            else:
+                self._serve_jobs()
         finally:
             release_thread_streams()
+
+    def _request_kwargs(self, req: CompletionRequest) -> dict[str, Any]:
+        kwargs = {**self.decode_kwargs, **req.gen_kwargs}
+        if kwargs.get("dynamic_tree") and not is_greedy(
+            kwargs.get("temp"), kwargs.get("repetition_penalty")
+        ):
+            del kwargs["dynamic_tree"]  # --dynamic-tree applies to greedy requests
+        return kwargs
+
+    # -- the continuous batch --------------------------------------------------------
+    def _serve_batch(self) -> None:
+        decoder = BatchDecoder(self.model, eos_token_ids=self.tokenizer.eos_token_ids,
+                               prefill_chunk=self.prefill_chunk)
+        choices: dict[int, _Choice] = {}  # by sequence id
+        jobs: dict[Job, list[int]] = {}
+        while True:
+            try:
+                job = self._jobs.get(block=not decoder.active)
+            except queue.Empty:
+                job = False  # nothing new: step the batch
+            while job is not False:
+                if job is None:
+                    return
+                self._admit(job, decoder, choices, jobs)
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    job = False
+            for job in [j for j in jobs if j.cancelled.is_set()]:
+                for uid in jobs.pop(job):
+                    decoder.cancel(uid)
+                    del choices[uid]
+                self.cancelled += 1
+                job.out.put(_DONE)
+            if not decoder.active:
+                self.busy = False
+                continue
+            self.busy = True
+            self.batch_size = len(decoder.running)
+            self.max_batch_size = max(self.max_batch_size, self.batch_size)
+            try:
+                events = decoder.step()
+            except Exception as e:  # noqa: BLE001 (every job of the batch is told)
+                for job in jobs:
+                    self.failed += 1
+                    job.out.put(e)
+                    job.out.put(_DONE)
+                choices.clear()
+                jobs.clear()
+                decoder = BatchDecoder(self.model, eos_token_ids=self.tokenizer.eos_token_ids,
+                                       prefill_chunk=self.prefill_chunk)
+                continue
+            for ev in events:
+                self._deliver(ev, decoder, choices, jobs)
+
+    def _admit(self, job: Job, decoder: BatchDecoder, choices: dict[int, _Choice],
+               jobs: dict[Job, list[int]]) -> None:
+        """Validate a job and add its sequences to the batch; a job that fails here is
+        answered at once and never joins."""
+        if job.cancelled.is_set():
+            self.cancelled += 1
+            job.out.put(_DONE)
+            return
+        req = job.request
+        uids: list[int] = []
+        try:
+            prompt = self._prompt_ids(req)
+            ids = _encode(self.tokenizer, prompt)  # as stream_generate encodes it
+            kwargs = self._request_kwargs(req)
+            for i in range(req.n):
+                kw = dict(kwargs)
+                if kw.get("seed") is not None:
+                    kw["seed"] = kw["seed"] + i  # n draws, not n copies of one
+                uids.append(add_with_options(decoder, ids, req.max_tokens, **kw))
+        except Exception as e:  # handed to the connection thread, which answers
+            for uid in uids:
+                decoder.cancel(uid)
+            self.failed += 1
+            job.out.put(e)
+            job.out.put(_DONE)
+            return
+        jobs[job] = uids
+        for i, uid in enumerate(uids):
+            choices[uid] = _Choice(job, i)
+
+    def _deliver(self, ev: BatchEvent, decoder: BatchDecoder, choices: dict[int, _Choice],
+                 jobs: dict[Job, list[int]]) -> None:
+        choice = choices.get(ev.uid)
+        if choice is None:
+            return
+        job = choice.job
+        if choice.text is None:
+            seq = ev.state
+            choice.text = TextStream(self.tokenizer, int(seq.prompt.shape[0]),
+                                     job.request.stop, seq.stats, seq.prompt_time)
+        text = choice.text
+        for t in ev.tokens:
+            r = text.push(t)
+            if text.done:  # a stop string
+                decoder.cancel(ev.uid)
+                choice.final = r
+                break
+            job.out.put((choice.index, r))
+        if ev.finish is not None and not text.done:
+            choice.final = text.end(ev.finish)
+        if choice.final is None:
+            return
+        job.out.put((choice.index, choice.final))
+        uids = jobs.get(job, [])
+        if all(choices[u].final is not None for u in uids):
+            finals = [choices.pop(u).final for u in jobs.pop(job)]
+            self.completed += 1
+            job.out.put(_DONE)
+            if self.log:
+                print(request_log(job, finals, self.batch_size), file=sys.stderr, flush=True)
+
 
     def _serve_jobs(self) -> None:
         while True:
@@ -474,19 +626,18 @@ class Engine:
             gen = None
             try:
                 req = job.request
+                if req.n > 1:
+                    raise ApiError(400, "n > 1 needs the batching engine (the streams "
+                                   "drafter)", "n", "unsupported_value")
                 prompt = self._prompt_ids(req)
-                kwargs = {**self.decode_kwargs, **req.gen_kwargs}
-                if kwargs.get("dynamic_tree") and not is_greedy(
-                    kwargs.get("temp"), kwargs.get("repetition_penalty")
-                ):
-                    del kwargs["dynamic_tree"]  # --dynamic-tree applies to greedy requests
+                kwargs = self._request_kwargs(req)
                 if req.stop:
                     kwargs["stop"] = req.stop
                 gen = self.stream_fn(self.model, self.tokenizer, prompt, req.max_tokens, **kwargs)
                 for r in gen:
                     if job.cancelled.is_set():
                         break
-                    job.out.put(r)
+                    job.out.put((0, r))
                 if job.cancelled.is_set():
                     self.cancelled += 1
                 else:
@@ -504,6 +655,16 @@ class Engine:
                 job.out.put(_DONE)
 
 
+def request_log(job: Job, finals: list[GenerationResponse], batch_size: int) -> str:
+    """One line of per-request statistics for the server log."""
+    u = _usage(finals)
+    seconds = time.perf_counter() - job.submitted
+    return (f"request {job.id}: {len(finals)} choice(s), {u['prompt_tokens']} prompt + "
+            f"{u['completion_tokens']} tokens in {seconds:.2f} s, "
+            f"{u['tokens_per_second']:.1f} tokens/s, {u['tokens_per_pass']:.2f} tokens/pass, "
+            f"acceptance {u['acceptance']}, batch of {batch_size}")
+
+
 def release_thread_streams() -> None:
     """Free the MLX streams of the calling thread.  MLX >= 0.31 wants this at the end
     of every thread that ran MLX work other than the main one; without it the process
@@ -513,15 +674,27 @@ def release_thread_streams() -> None:
         clear()
 
 
-def _usage(r: GenerationResponse) -> dict[str, Any]:
+def _usage(last: GenerationResponse | list[GenerationResponse]) -> dict[str, Any]:
+    """The usage of a request from the last response of each of its choices: tokens
+    summed over the choices; tokens/s and tokens/pass of the choices together;
+    acceptance: per depth, the fraction of passes that accepted that many drafts."""
+    rs = last if isinstance(last, list) else [last]
+    completion = sum(r.generation_tokens for r in rs)
+    passes = sum(r.forward_passes for r in rs)
+    step_tokens = sum(r.tokens_per_pass * r.forward_passes for r in rs)
+    depth = max(len(r.accepted_per_depth) for r in rs)
+    accepted = [sum(r.accepted_per_depth[d] for r in rs if d < len(r.accepted_per_depth))
+                for d in range(depth)]
     return {
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.generation_tokens,
-        "total_tokens": r.prompt_tokens + r.generation_tokens,
-        "forward_passes": r.forward_passes,
-        "tokens_per_pass": round(r.tokens_per_pass, 4),
-        "accepted_per_depth": list(r.accepted_per_depth),
-        "lookup_accepted": r.lookup_accepted,
+        "prompt_tokens": rs[0].prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": rs[0].prompt_tokens + completion,
+        "forward_passes": passes,
+        "tokens_per_pass": round(step_tokens / passes, 4) if passes else 0.0,
+        "accepted_per_depth": accepted,
+        "lookup_accepted": sum(r.lookup_accepted for r in rs),
+        "tokens_per_second": round(sum(r.generation_tps for r in rs), 2),
+        "acceptance": [round(a / passes, 4) for a in accepted] if passes else [],
     }
 
 
@@ -733,9 +906,10 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------- generation
 
-    def _responses(self, job: Job) -> Iterator[GenerationResponse]:
-        """The job's responses; raises ClientGone (after cancelling the job) when the
-        client goes away (checked every POLL_S), or the worker's exception."""
+    def _responses(self, job: Job) -> Iterator[tuple[int, GenerationResponse]]:
+        """The job's (choice index, response) pairs; raises ClientGone (after
+        cancelling the job) when the client goes away (checked every POLL_S), or the
+        worker's exception."""
         engine = self.server.engine
         checked = time.monotonic()
         while True:
@@ -796,37 +970,42 @@ class Handler(BaseHTTPRequestHandler):
         self,
         req: CompletionRequest,
         meta: dict[str, Any],
-        first: GenerationResponse,
-        rest: Iterator[GenerationResponse],
+        first: tuple[int, GenerationResponse],
+        rest: Iterator[tuple[int, GenerationResponse]],
     ) -> None:
-        parts = [first.text]
-        last = first
+        parts: list[list[str]] = [[] for _ in range(req.n)]
+        last: list[GenerationResponse | None] = [None] * req.n
         try:
-            for r in rest:
-                parts.append(r.text)
-                last = r
+            for i, r in itertools.chain([first], rest):
+                parts[i].append(r.text)
+                last[i] = r
         except ClientGone:
             self.close_connection = True
             return
         except Exception as e:
             self._send_error(_as_api_error(e))
             return
-        text = "".join(parts)
-        finish = last.finish_reason or "length"
-        if req.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
+        finals = [r for r in last if r is not None]
+        choices = []
+        for i, r in enumerate(last):
+            if r is None:
+                continue
+            text = "".join(parts[i])
+            finish = r.finish_reason or "length"
+            if req.chat:
+                choices.append({
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                })
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None,
+                                "finish_reason": finish})
+        obj = "chat.completion" if req.chat else "text_completion"
         self._send_json(
             200,
-            {**meta, "object": obj, "choices": [choice], "usage": _usage(last)},
+            {**meta, "object": obj, "choices": choices, "usage": _usage(finals)},
         )
 
     def _write_event(self, obj: Any) -> None:
@@ -841,8 +1020,8 @@ class Handler(BaseHTTPRequestHandler):
         self,
         req: CompletionRequest,
         meta: dict[str, Any],
-        first: GenerationResponse,
-        rest: Iterator[GenerationResponse],
+        first: tuple[int, GenerationResponse],
+        rest: Iterator[tuple[int, GenerationResponse]],
         job: Job,
     ) -> None:
         self.close_connection = True  # the end of the body is the end of the connection
@@ -857,41 +1036,45 @@ class Handler(BaseHTTPRequestHandler):
             return
         obj = "chat.completion.chunk" if req.chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        def chunk(i: int, text: str | None, finish: str | None,
+                  role: bool = False) -> dict[str, Any]:
             if req.chat:
                 delta: dict[str, Any] = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
+                choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None}
+                choice = {"index": i, "text": text or "", "logprobs": None}
             choice["finish_reason"] = finish
             return {**meta, "object": obj, "choices": [choice]}
 
         try:
             if req.chat:
-                self._write_event(chunk("", None, role=True))
-            last = first
+                for i in range(req.n):
+                    self._write_event(chunk(i, "", None, role=True))
+            last: list[GenerationResponse | None] = [None] * req.n
             try:
-                if first.text:
-                    self._write_event(chunk(first.text, None))
-                for r in rest:
-                    if r.text:
-                        self._write_event(chunk(r.text, None))
-                    last = r
+                for i, r in itertools.chain([first], rest):
+                    if r.finish_reason is not None:
+                        # A choice's final chunk carries its finish reason and its usage.
+                        if r.text:
+                            self._write_event(chunk(i, r.text, None))
+                        final = chunk(i, None if req.chat else "", r.finish_reason)
+                        final["usage"] = _usage(r)
+                        self._write_event(final)
+                    elif r.text:
+                        self._write_event(chunk(i, r.text, None))
+                    last[i] = r
             except ClientGone:
                 raise
             except Exception as e:  # mid-stream failure: say so in the stream
                 self._write_event(_as_api_error(e).body())
                 return
-            # The final chunk carries the finish reason and (always) the usage.
-            final = chunk(None if req.chat else "", last.finish_reason or "length")
-            final["usage"] = _usage(last)
-            self._write_event(final)
-            if req.include_usage:
-                self._write_event({**meta, "object": obj, "choices": [], "usage": _usage(last)})
+            finals = [r for r in last if r is not None]
+            if req.include_usage and finals:
+                self._write_event({**meta, "object": obj, "choices": [], "usage": _usage(finals)})
             self._write_event("[DONE]")
         except ClientGone:
             job.cancelled.set()
@@ -921,7 +1104,7 @@ def make_server(
     request_defaults: temperature / top_p / max_tokens for requests that omit them."""
     engine = Engine(
         model, tokenizer, model_id, decode_kwargs=decode_kwargs, stream_fn=stream_fn,
-        request_defaults=request_defaults,
+        request_defaults=request_defaults, log=log,
     )
     try:
         return SpecStreamServer((host, port), engine, log=log)

@@ -228,7 +228,8 @@ BAD_REQUESTS = [
     ("POST", CHAT, {"messages": USER, "stream": "yes"}, 400, "stream"),
     ("POST", CHAT, {"messages": USER, "stop": 5}, 400, "stop"),
     ("POST", CHAT, {"messages": USER, "stop": ["a", 1]}, 400, "stop"),
-    ("POST", CHAT, {"messages": USER, "n": 2}, 400, "n"),
+    ("POST", CHAT, {"messages": USER, "n": 9}, 400, "n"),
+    ("POST", CHAT, {"messages": USER, "n": 0}, 400, "n"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "go " * 700}]}, 400, "messages"),
     (
         "POST",
