@@ -360,9 +360,13 @@ class PlainSampledAcceptor(GreedyAcceptor):
         hist = mx.array(context[-c:], dtype=mx.int32) if c else None
         return _choose_on_device(main[0], hist, self.params, self.rng).reshape(1)
 
-    def accept(self, tree: Tree, tokens: np.ndarray, targets: np.ndarray,
-               draft: Draft | None) -> tuple[list[int], int]:
-        return [0], int(targets[0])
+    def decide(self, tree: Tree, tokens: mx.array, targets: mx.array,
+               draft: Draft | None) -> mx.array:
+        return mx.concatenate([mx.zeros((1,), mx.int32), targets[:1].astype(mx.int32)])
+
+    def accept(self, tree: Tree, decided: np.ndarray, draft: Draft | None
+               ) -> tuple[list[int], int]:
+        return [0], int(decided[1])
 
 
 def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bool = True,
@@ -612,13 +616,15 @@ class BatchDecoder:
         targets = [seq.acceptor.targets(main[b, : d.tree.size], tok[b, : d.tree.size],
                                         d.tree, seq.context)
                    for b, (seq, d) in enumerate(zip(self.running, drafts, strict=True))]
+        decided = [seq.acceptor.decide(d.tree, tok[b, : d.tree.size], targets[b], d)
+                   for b, (seq, d) in enumerate(zip(self.running, drafts, strict=True))]
         extra = [a for d in drafts for a in (d.q, d.cands) if a is not None]
-        mx.eval(targets, tok, x, *extra)
+        mx.eval(decided, tok, x, *extra)
         tok_np = np.array(tok)
         paths, news = [], []
         for b, (seq, d) in enumerate(zip(self.running, drafts, strict=True)):
             n = d.tree.size
-            path, nxt = seq.acceptor.accept(d.tree, tok_np[b, :n], np.array(targets[b]), d)
+            path, nxt = seq.acceptor.accept(d.tree, np.array(decided[b]), d)
             paths.append(path)
             news.append([int(tok_np[b, i]) for i in path[1:]] + [nxt])
             if n > d.streams:  # a context branch (a chain): did it run to its end?
@@ -637,7 +643,7 @@ class BatchDecoder:
             seq.context.extend(news[b])
             if seq.wants_streams:
                 host = L + paths[b][-1] * g  # the streams of the last accepted node
-                seq.stream_logits = model.head(x[b, host : host + seq.drafter.rows])
+                seq.stream_logits = model.draft_logits(x[b, host : host + seq.drafter.rows])
                 seq.drafter.observe(seq.stream_logits, seq.context)
             out: list[int] = []
             for t in news[b]:
