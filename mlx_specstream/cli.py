@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fuse": ("mlx_specstream.training.fuse", "merge task-mode LoRA into the weights"),
     "calibrate": ("mlx_specstream.calibrate", "measure the forward-pass cost curve"),
     "doctor": ("mlx_specstream.doctor", "show BLAS, backend and matmul speed"),
+    "check": ("mlx_specstream.check_cli", "check greedy output against mlx-lm's, token by token"),
 }
 
 
@@ -56,6 +57,14 @@ DESCRIPTIONS: dict[str, str] = {
     "calibrate": "Measure this machine's cost of a forward pass per draft-tree size and store "
     "the fastest draft tree in the model folder.  Run it once per machine after training.",
     "doctor": "Show the BLAS, the matmul backend and the matmul speed of this machine.",
+    "check": "Generate greedily, then feed the output through mlx-lm's own decoding loop "
+    "on the same model and list every token that is not mlx-lm's greedy choice, with its "
+    "margin (the logit of mlx-lm's choice minus ours).  Exits with status 1 when a margin "
+    "exceeds the tolerance.\n"
+    "\n"
+    "examples:\n"
+    "  mlx-specstream check --prompt \"Write a haiku about the sea.\"\n"
+    "  mlx-specstream check --model models/llama-ss --dtype bfloat16 --max-tokens 128",
 }
 
 

@@ -165,3 +165,20 @@ def test_a_bfloat16_model_diverges_only_where_row_noise_explains_it() -> None:
     flagged = next(d for d in report.divergences if d.position == k)
     assert flagged.token == wrong[k] and flagged.explained_by_rounding is False
     assert not report.passed and report.unexplained[0] is flagged  # later ones follow it
+
+
+def test_check_command(api_model_dir, tmp_path, capsys) -> None:
+    from mlx_specstream import cli
+
+    out = tmp_path / "report.json"
+    base = ["check", "--model", str(api_model_dir), "-p", "Hello", "-m", "8"]
+    assert cli.main(base + ["--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "exact: " in printed and "not mlx-lm's argmax (float32, tolerance 64 ulps)" in printed
+    report = json.loads(out.read_text())
+    assert report["exact"] and report["passed"] and 1 <= report["n_tokens"] <= 8
+    assert cli.main(base + ["--tolerance", "-1"]) == 1
+    assert "--tolerance must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--help"])
+    assert "mlx-lm's own decoding loop" in " ".join(capsys.readouterr().out.split())
