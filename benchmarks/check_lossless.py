@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -120,8 +122,13 @@ def run(args: argparse.Namespace) -> dict:
         "divergence_list": divergences,
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": f"{platform.system()} {platform.machine()}, mlx {mx.__version__}",
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    env = [f"{k}={os.environ[k]}" for k in ("MLX_SPECSTREAM_SHIM",) if k in os.environ]
+    return shlex.join([*env, "python", *sys.argv])
 
 
 def markdown(runs: dict[str, dict]) -> str:
