@@ -232,7 +232,9 @@ def check_greedy(
                 ulps=margin / ulp(top, dtype), top_logit=top,
             ))
     for d in report.divergences if noise_rows > 0 else []:
-        d.row_noise = row_noise(base, prompt + tokens[: d.position], noise_rows)
+        context = prompt + tokens[: d.position]
+        if len(context) >= 2:  # a one-token context has no multi-row pass to compare
+            d.row_noise = row_noise(base, context, noise_rows)
     return report
 
 

@@ -182,3 +182,12 @@ def test_check_command(api_model_dir, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         cli.main(["check", "--help"])
     assert "mlx-lm's own decoding loop" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_one_token_prompt_checks_without_row_noise_at_the_first_token(model) -> None:
+    tokens = mlx_lm_greedy(model, [7])
+    logits = model.base(mx.array([[7]]))[0, -1]
+    wrong = [int(mx.argmin(logits).item())] + tokens[1:]
+    first = check_greedy(model, [7], wrong).divergences[0]
+    assert first.position == 0 and first.row_noise is None
+    assert first.explained_by_rounding is None
