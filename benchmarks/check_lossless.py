@@ -163,7 +163,9 @@ def markdown(runs: dict[str, dict]) -> str:
         "the top logit (bfloat16 at |z| in [16, 32): 0.125).  Row noise: the largest change "
         "of any logit of a row between one pass over 16 rows and 16 one-row passes of "
         "mlx-lm's model.  \"simulated rows\": multi-row products by a split-K kernel with "
-        "partial sums in that dtype (`lossless.row_dependent_rounding`).",
+        "partial sums in that dtype (`lossless.row_dependent_rounding`).  The bf16 folder "
+        "is the default model's GGUF converted with `convert.convert(..., dtype=\"bfloat16\")` "
+        "and the shipped streams (`default_model.refresh_streams`).",
         "",
         markdown_table(head, table),
         "",
