@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("mlx_specstream.calibrate", "size the draft tree for this machine"),
     "vocab": ("mlx_specstream.vocab", "let the streams draft from the most frequent tokens"),
     "doctor": ("mlx_specstream.doctor", "check the BLAS, GEMM shim and matmul speed"),
+    "check": ("mlx_specstream.check_cli", "check greedy output against mlx-lm's, token by token"),
 }
 
 
@@ -63,6 +64,14 @@ DESCRIPTIONS: dict[str, str] = {
     "only.  Verification keeps the whole head, so the output does not change.  --size 0 "
     "drafts from the whole vocabulary again.",
     "doctor": "Show the BLAS, the matmul backend and the matmul speed of this machine.",
+    "check": "Generate greedily, then feed the output through mlx-lm's own decoding loop "
+    "on the same model and list every token that is not mlx-lm's greedy choice, with its "
+    "margin (the logit of mlx-lm's choice minus ours).  Exits with status 1 when a margin "
+    "exceeds the tolerance.\n"
+    "\n"
+    "examples:\n"
+    "  mlx-specstream check --prompt \"Write a haiku about the sea.\"\n"
+    "  mlx-specstream check --model models/llama-ss --dtype bfloat16 --max-tokens 128",
 }
 
 
