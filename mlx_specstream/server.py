@@ -350,9 +350,6 @@ def parse_request(
             repetition_context_size=rep_ctx,
             seed=seed,
         )
-    except NotImplementedError as e:
-        param = "temperature" if "temperature" in str(e) else "repetition_penalty"
-        raise ApiError(400, str(e), param, "unsupported_value") from e
     except ValueError as e:
         raise ApiError(400, str(e), None, "invalid_value") from e
     return CompletionRequest(
