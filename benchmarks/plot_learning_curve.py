@@ -3,9 +3,11 @@ decoding would reach on the held-out answers, adaptive pause off) against the nu
 of training answers seen, from the report that ``train --eval-every N --report R``
 writes.
 
-    python benchmarks/plot_learning_curve.py REPORT.json [--output curve.png]
+    python benchmarks/plot_learning_curve.py REPORT.json [MORE.json ...] [--output curve.png]
 
-Prints a table and writes a plot (matplotlib) beside the report by default."""
+Several reports are runs that continue one another (each started from the streams the
+previous one saved): their curves are chained, answers seen adding up.  Prints a table and
+writes a plot (matplotlib) beside the first report by default."""
 
 from __future__ import annotations
 
@@ -26,14 +28,28 @@ def curve_rows(report: dict) -> list[dict]:
     return rows
 
 
+def chained_rows(reports: list[dict]) -> list[dict]:
+    """The rows of runs that continue one another, answers seen counted from the first
+    run's start (a later run's state before training is the previous run's last row)."""
+    rows: list[dict] = []
+    offset = 0
+    for i, report in enumerate(reports):
+        part = curve_rows(report)
+        if i > 0 and part and part[0]["examples"] == 0:
+            part = part[1:]
+        rows.extend({**r, "examples": r["examples"] + offset} for r in part)
+        if rows:
+            offset = rows[-1]["examples"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("report")
+    p.add_argument("report", nargs="+", help="train reports, in the order the runs were made")
     p.add_argument("--output", default=None, help="PNG path (default: REPORT with .png)")
     p.add_argument("--title", default="streams: validation tokens per pass")
     args = p.parse_args(argv)
-    report = json.loads(Path(args.report).read_text())
-    rows = curve_rows(report)
+    rows = chained_rows([json.loads(Path(r).read_text()) for r in args.report])
     if not rows:
         print(f"{args.report}: no curve (train with --eval-every N)", file=sys.stderr)
         return 1
@@ -59,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title(args.title)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(args.output) if args.output else Path(args.report).with_suffix(".png")
+    out = Path(args.output) if args.output else Path(args.report[0]).with_suffix(".png")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")

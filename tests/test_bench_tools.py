@@ -289,3 +289,15 @@ def test_category_table_ratios() -> None:
     table = category_table(mine, mlx, ours)
     assert "| a | 1 | 10 | 10.00 | 2.00x | 1.25x | 2.50 | 0.75 / 0.50 |" in table
     assert table.splitlines()[-1].startswith("| overall | 1 | 10 |")
+
+
+def test_learning_curves_of_continued_runs_chain() -> None:
+    from plot_learning_curve import chained_rows
+
+    def report(before: float, points: list[tuple[int, float]]) -> dict:
+        return {"valid_before": {"tpp": {"[3, 2, 1]": before}},
+                "curve": [{"examples": e, "tpp": {"[3, 2, 1]": t}} for e, t in points]}
+
+    rows = chained_rows([report(1.5, [(100, 1.6), (200, 1.7)]), report(1.7, [(50, 1.8)])])
+    assert [r["examples"] for r in rows] == [0, 100, 200, 250]
+    assert [r["tpp"]["[3, 2, 1]"] for r in rows] == [1.5, 1.6, 1.7, 1.8]
