@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         tallies.append(by_cat)
         print(f"{name}: {by_cat['overall'].tokens_per_pass:.3f} tokens/pass", file=sys.stderr)
 
-    head = (f"{describe_suite(prompts)} x {args.max_tokens} tokens, greedy, gamma {g}, "
+    temp = float(options.get("temp", 0.0) or 0.0)
+    decoding = f"sampled at temperature {temp:g}" if temp > 0 else "greedy"
+    head = (f"{describe_suite(prompts)} x {args.max_tokens} tokens, {decoding}, gamma {g}, "
             f"adaptive pause {'on' if args.pause else 'off'}; "
             f"streams: {args.streams_path or 'the folder'}; "
             + (f"options: {format_options(options)}; " if options else "")
