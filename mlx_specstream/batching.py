@@ -651,6 +651,7 @@ class BatchDecoder:
                     seq.finish = "length"
                     break
                 if t in self.eos:
+                    seq.stats.step_tokens += 1  # a pass produced it, as in decode.py's loops
                     seq.finish = "stop"
                     break
                 seq.produced += 1

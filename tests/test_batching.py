@@ -296,3 +296,21 @@ def test_cost_curve_covers_every_row_count_up_to_the_largest_measured() -> None:
 
     curve = cost_curve({"autoregressive": 2.0, "tree": {"1": 2.0, "2": 3.0, "4": 4.0}})
     assert curve == [1.0, 1.5, 1.75, 2.0]
+
+
+def test_plain_decoding_in_a_batch_counts_one_token_per_pass_up_to_the_end_token() -> None:
+    """The pass that produced the end-of-sequence token produced a token: plain decoding
+    reports exactly 1 token per pass, as the single-sequence loops do."""
+    model = tiny_model(lora_rank=4, random_lora=True)
+    ref = alone(model, PROMPTS[1], 25)
+    decoder = BatchDecoder(model, eos_token_ids=[ref[10]])
+    decoder.add(PROMPTS[1], 25, speculative=False)
+    decoder.add(PROMPTS[0], 25, speculative=False)
+    stats = {}
+    while decoder.active:
+        for ev in decoder.step():
+            if ev.finish is not None:
+                stats[ev.uid] = ev.state.stats
+    assert len(stats) == 2
+    for s in stats.values():
+        assert s.forward_passes > 0 and s.tokens_per_pass == 1.0
