@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in methods:
             p.error(f"--row {name!r}: a row of that name exists already")
         methods[name] = ss(**opts)
-        extra[name] = extra[default_name]
+        # prompt lookup or plain decoding read no stream parameters
+        plain = opts.get("drafter") == "lookup" or opts.get("speculative") is False
+        extra[name] = 0 if plain else extra[default_name]
 
     rows = {name: Row(method=name, extra_parameters=extra.get(name, 0)) for name in methods}
     base_gb = sum(v.nbytes for _, v in tree_flatten(ref_model.parameters())) / 1e9

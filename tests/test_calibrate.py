@@ -53,6 +53,23 @@ def test_acceptance_stats_and_cost_on_a_model_that_repeats_itself() -> None:
     assert out == ref
 
 
+def test_acceptance_counts_only_what_the_draft_vocabulary_can_draft() -> None:
+    """With a draft vocabulary, calibration measures what decoding drafts: a token outside
+    it is never accepted, whatever the whole head would say."""
+    import numpy as np
+
+    base = tiny_base("llama", seed=3, spread=0.02)
+    model = SpecStreamModel(base, SpecStreamConfig(num_streams=3, stream_layers=2))
+    prompt = [1, 5, 7, 9]
+    full = acceptance_stats(model, [prompt], max_tokens=20, progress=False)["path_prob"]
+    out = list(speculative_steps(model, mx.array(prompt), 20, DecodeStats(),
+                                 tree_from_paths([])))
+    others = np.setdiff1d(np.arange(64), np.array(out + prompt)).astype(np.int32)
+    model.set_draft_vocab(mx.array(others))  # none of the tokens the model says
+    none = acceptance_stats(model, [prompt], max_tokens=20, progress=False)["path_prob"]
+    assert full["0"] > 0.8 and none == {}
+
+
 def test_bad_tree_costs_and_missing_streams_folder_are_clear_errors(tmp_path) -> None:
     from mlx_specstream.calibrate import calibrate_folder
     from mlx_specstream.config import SpecStreamConfig

@@ -381,6 +381,17 @@ def test_default_model_cache(tmp_path: Path) -> None:
     assert mlx_lm.load(str(target))[0] is not None
     assert leftovers(target) == [] and leftovers(target.parent) == []
 
+    # streams shipped with their draft vocabulary: the ranking comes along, and a new
+    # ranking alone is a new version
+    from mlx_specstream.vocab import VOCAB_FILE
+
+    vocab_size = json.loads((target / "config.json").read_text())["vocab_size"]
+    ranking = mx.arange(vocab_size, dtype=mx.int32)[::-1]
+    mx.save_safetensors(str(newer / VOCAB_FILE), {"token_ids": ranking})
+    assert default_model.refresh_streams(target, newer)
+    assert mx.array_equal(mx.load(str(target / VOCAB_FILE))["token_ids"], ranking)
+    assert not default_model.refresh_streams(target, newer)
+
 
 def test_default_model_race_keeps_existing(tmp_path: Path, monkeypatch) -> None:
     gguf, _, _ = tiny.make_tiny_gguf(tmp_path / "tiny.gguf")

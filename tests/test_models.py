@@ -137,7 +137,9 @@ def test_default_name_is_smollm2() -> None:
     assert model.streams is not None and (model.streams / "config.json").exists()
     qwen = models.lookup("qwen/qwen2.5-coder-0.5b-instruct")
     assert [p.path for p in qwen.parts] == [f"data/part0{i}.bin" for i in range(1, 7)]
-    assert qwen.size == 491_400_064 and qwen.streams is None
+    assert qwen.size == 491_400_064
+    assert qwen.streams is not None and (qwen.streams / "config.json").exists()
+    assert (qwen.streams / "draft_vocab.safetensors").exists()  # trained on its 8,192 rows
 
 
 # ----------------------------------------------------------------------------- slow: real

@@ -138,3 +138,42 @@ def test_chatterbot_questions():
     items = sources.source_prompts("chatterbot")
     assert len(items) > 300
     assert all(len(c[0]["content"].split()) >= 3 for c in items)
+
+
+def test_task_mix():
+    from mlx_specstream.training.selfinstruct import TASKS, parse_tasks, steer
+
+    assert parse_tasks(None) == TASKS
+    mix = parse_tasks("coding=3,lists")
+    assert [t.name for t in mix] == ["coding"] * 3 + ["lists"]
+
+    class Tok:
+        def apply_chat_template(self, *a, **k):
+            return "<|im_start|>user\n" + a[0][0]["content"]
+
+    rng = __import__("random").Random(0)
+    names = {steer(rng, Tok(), parse_tasks("coding"))[0] for _ in range(20)}
+    assert names == {"coding"}
+    for bad, msg in (("cooking", "unknown task"), ("coding=0", ">= 1"),
+                     ("coding=x", "whole number"), (",", "no task")):
+        with pytest.raises(ValueError, match=msg):
+            parse_tasks(bad)
+
+
+def test_code_texts_are_real_functions_and_resume(tmp_path: Path):
+    import ast
+
+    from mlx_specstream.training.distill import read_records, write_code_texts
+
+    items = sources.code_texts(30, seed=1)
+    assert len(items) == 30 and len({s for s, _ in items}) == 30
+    for src, code in items:
+        assert src.split(":")[0] not in sources.HELDOUT_FILES
+        ast.parse(code)  # whole functions, dedented
+        assert code.lstrip().startswith(("def ", "async def ", "@"))
+    assert write_code_texts(tmp_path, 10, seed=1)["written"] == 10
+    r = write_code_texts(tmp_path, 30, seed=1)  # an interrupted run resumes
+    assert (r["written"], r["already_done"]) == (20, 10)
+    recs = read_records(tmp_path)
+    assert [x["source"] for x in recs] == [s for s, _ in items]
+    assert not (tmp_path / "valid.jsonl").exists()  # validation holds model answers only

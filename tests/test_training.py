@@ -22,6 +22,7 @@ from mlx_specstream.training.trainer import (
     prepare_model,
     save_streams,
     stream_forward,
+    stream_hidden,
     train,
 )
 from tinymodels import cyclic_batches, main_logits, tiny_model
@@ -383,3 +384,94 @@ def test_task_sparse_objective_equals_dense(method: str):
         assert abs(sparse.ce[k].item() - dense.ce[k].item()) < 1e-3, k
         assert sparse.correct[k].item() == dense.correct[k].item(), k
     assert abs(sparse.loss.item() - dense.loss.item()) < 1e-4
+
+
+def test_objective_with_a_draft_vocabulary():
+    """With a draft vocabulary the streams are trained on its rows of the head only: the
+    loss of a target inside it is the cross-entropy among the draft vocabulary, a target
+    outside it is a miss without loss."""
+    from mlx_specstream.training.objective import sparse_targets
+    from mlx_specstream.training.trainer import sparse_terms
+
+    model = tiny_model("llama", lora_rank=2, random_lora=True)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, VOCAB, (2, 12)).astype(np.int32)
+    targets = np.zeros((2, 12), dtype=bool)
+    targets[:, 3:] = True
+    subset = np.unique(tokens[:, 4:8])  # some labels inside, the rest outside
+    model.set_draft_vocab(mx.array(subset))
+    feats = frozen_features(model, mx.array(tokens))
+    st = sparse_targets(tokens, targets, 3)
+    got = sparse_terms(model, feats, st, train_streams=True, train_exit=False, alphas=None)
+
+    logits = model.draft_logits(  # whole vocabulary, -inf outside the subset
+        stream_hidden(model, feats, st.rows).reshape(-1, feats.h.shape[-1])[st.flat])
+    labels = np.array(st.labels)
+    inside = np.isin(labels, subset)
+    assert inside.any() and not inside.all()
+    lse = np.array(mx.logsumexp(logits, axis=-1))
+    picked = np.take_along_axis(np.array(logits), labels[:, None], axis=-1)[:, 0]
+    ce = np.where(inside, lse - picked, 0.0)
+    hit = (np.array(mx.argmax(logits, axis=-1)) == labels) & inside
+    stream = np.array(st.stream)
+    for j, name in enumerate(["s1", "s2", "s3"]):
+        assert got.count[name].item() == (stream == j).sum()
+        assert got.ce[name].item() == pytest.approx(ce[stream == j].sum(), rel=1e-4, abs=1e-4)
+        assert got.correct[name].item() == hit[stream == j].sum()
+
+
+@pytest.mark.parametrize("subset_size", [0, 20])
+def test_simulated_tokens_per_pass_with_a_draft_vocabulary(subset_size: int):
+    """Validation's simulated tokens per pass follow the draft vocabulary as decoding does."""
+    from mlx_specstream.decode import DecodeStats, speculative_steps
+    from mlx_specstream.training.data import Batch
+    from mlx_specstream.tree import product_tree
+
+    model = tiny_model("llama", seed=3, lora_rank=4, random_lora=True)
+    model.cfg.draft_cost_ratio = 0.0
+    cyc = cyclic_batches(1, length=12, seed=1)[0]
+    prompt = [int(t) for t in cyc.tokens[0]]
+    out = list(speculative_steps(model, mx.array(prompt), 40, DecodeStats(),
+                                 tree=product_tree((3, 2, 1))))
+    if subset_size:  # a subset that leaves out some of the answer's tokens
+        counts = np.bincount(np.array(out), minlength=VOCAB)
+        keep = np.argsort(-counts, kind="stable")[:subset_size]
+        model.set_draft_vocab(mx.array(keep.astype(np.int32)))
+    stats = DecodeStats()
+    out2 = list(speculative_steps(model, mx.array(prompt), 40, stats,
+                                  tree=product_tree((3, 2, 1))))
+    assert out2 == out
+    seq = np.array([prompt + out], dtype=np.int32)
+    tgt = np.zeros_like(seq, dtype=bool)
+    tgt[0, len(prompt):] = True
+    m = evaluate(model, [Batch(seq, tgt)], TrainConfig())
+    assert m["tpp"]["[3, 2, 1]"] == pytest.approx(stats.tokens_per_pass)
+
+
+def test_stream_attention_equals_the_masked_attention_and_its_gradient():
+    """The trainer's factored attention of stream rows (no (S*g) x (T + S*g) mask) gives
+    the masked attention's output and gradients, grouped-query heads included."""
+    from mlx_specstream.model import build_msa_mask, causal_mask, stream_attention
+
+    B, H, Hkv, T, g, d = 2, 4, 2, 9, 3, 8
+    rows = mx.array([0, 3, 4, 8])
+    L = rows.size * g
+    key = mx.random.key(5)
+    kq, kk, kv = mx.random.split(key, 3)
+    q = mx.random.normal((B, H, L, d), key=kq)
+    k = mx.random.normal((B, Hkv, T + L, d), key=kk)
+    v = mx.random.normal((B, Hkv, T + L, d), key=kv)
+    mask = build_msa_mask(causal_mask(T), 0, rows, g)[T:]
+
+    def dense(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+
+    def factored(q, k, v):
+        return stream_attention(q, k, v, 0.3, rows, g)
+
+    assert mx.allclose(factored(q, k, v), dense(q, k, v), atol=1e-5).item()
+    w = mx.random.normal((B, H, L, d), key=mx.random.key(6))
+    gd = mx.grad(lambda *a: (dense(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    gf = mx.grad(lambda *a: (factored(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(gd, gf, strict=True):
+        assert mx.allclose(a, b, atol=1e-4).item()

@@ -136,6 +136,14 @@ def test_vocab_command_and_load(api_model_dir: Path, tmp_path: Path, capsys, dra
     subset = set(np.array(model._draft_head.ids).tolist())
     assert isinstance(text, str) and drafted and set(sum(drafted, [])) <= subset
 
+    # training fresh streams (--reinit) on this folder drafts from the same vocabulary
+    from mlx_specstream.training.trainer import prepare_model
+
+    spec = SpecStreamConfig.from_dict({**model.cfg.to_dict(), "stream_lora_rank": 4})
+    fresh = prepare_model(model, spec, reinit=True)
+    assert fresh is not model and fresh._draft_head is not None
+    assert mx.array_equal(fresh._draft_head.ids, model._draft_head.ids)
+
     vocab.set_draft_vocab_size(folder, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -45,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "file of prompts to answer (repeatable)")
     p.add_argument("--self-instruct", type=int, default=0, metavar="N",
                    help="N user requests written by the model itself, then answered")
+    p.add_argument("--tasks", default=None, metavar="MIX",
+                   help="kinds of self-instruct requests, comma-separated, each with an "
+                   "optional weight, e.g. coding=4,explaining,lists (default: every kind "
+                   "once: writing, explaining, coding, reasoning, advice, lists, rewriting, "
+                   "knowledge, chat)")
+    p.add_argument("--code-texts", type=int, default=0, metavar="N",
+                   help="add N functions of the Python standard library as plain-text "
+                   "training records (real code, not the model's answers; train.jsonl only)")
     p.add_argument("--follow-ups", type=int, default=0, metavar="N",
                    help="N follow-up requests written after answered self-instruct "
                         "conversations, then answered")
@@ -118,6 +126,26 @@ def done_prompts(output: Path) -> set[str]:
     """Keys of the (conversation, temperature) pairs already answered in OUTPUT."""
     return {_key(r["messages"][:-1], float(r.get("temp", 0.0)))
             for r in read_records(output) if r.get("messages")}
+
+
+def write_code_texts(output: str | Path, n: int, seed: int = 0) -> dict[str, int]:
+    """Append the first ``n`` of ``sources.code_texts`` not yet in OUTPUT/train.jsonl as
+    ``{"text", "source"}`` records (never to valid.jsonl: validation holds the model's own
+    greedy answers, what decoding produces)."""
+    from .sources import code_texts
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    f = output / "train.jsonl"
+    _truncate_partial_line(f)
+    have = {r.get("source") for r in read_records(output) if "text" in r}
+    items = code_texts(n, seed)
+    todo = [(src, code) for src, code in items if src not in have]
+    with f.open("a") as fh:
+        for src, code in todo:
+            fh.write(json.dumps({"text": code, "source": src}) + "\n")
+    return {"written": len(todo), "already_done": len(items) - len(todo),
+            "available": len(items)}
 
 
 def distill(
@@ -258,10 +286,13 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from ..generate import load
-    from .selfinstruct import write_requests
+    from .selfinstruct import parse_tasks, write_requests
 
     if args.self_instruct < 0 or args.follow_ups < 0:
         raise ValueError("--self-instruct and --follow-ups take a count >= 0")
+    if args.code_texts < 0:
+        raise ValueError("--code-texts takes a count >= 0")
+    tasks = parse_tasks(args.tasks)
     if not 0.0 <= args.sampled_fraction <= 1.0:
         raise ValueError("--sampled-fraction is a fraction in [0, 1]")
     from ..models import resolve_model
@@ -273,11 +304,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
+    if args.code_texts:
+        c = write_code_texts(out, args.code_texts, args.seed)
+        print(f"code texts: {c['written']} functions of the standard library added, "
+              f"{c['already_done']} already there")
     items = gather_prompts(args)
     if args.self_instruct:
         s = write_requests(model.base, tok, args.self_instruct, out / "requests.jsonl",
                            seed=args.seed, batch_size=max(args.batch_size, 32),
-                           progress=progress)
+                           progress=progress, tasks=tasks)
         print(f"self-instruct: {s['written']} new requests ({s['rejected']} rejected), "
               f"{s['already_done']} already written")
         if s["stalled"]:

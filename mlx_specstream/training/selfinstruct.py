@@ -154,9 +154,36 @@ def _default_system(tokenizer: Any) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def steer(rng: random.Random, tokenizer: Any) -> tuple[str, list[dict[str, str]], str]:
-    """(task name, system messages, opener) for one request."""
-    task = rng.choice(TASKS)
+def parse_tasks(spec: str | None) -> tuple[Task, ...]:
+    """The task mix of ``--tasks``: comma-separated task names, each optionally with a
+    weight (``coding=4,explaining``); None or empty: every task once."""
+    if not spec:
+        return TASKS
+    by_name = {t.name: t for t in TASKS}
+    mix: list[Task] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, _, weight = item.partition("=")
+        if name not in by_name:
+            raise ValueError(f"unknown task {name!r}; tasks: {', '.join(by_name)}")
+        try:
+            w = int(weight) if weight else 1
+        except ValueError:
+            raise ValueError(f"task weight must be a whole number, got {item!r}") from None
+        if w < 1:
+            raise ValueError(f"task weight must be >= 1, got {item!r}")
+        mix.extend([by_name[name]] * w)
+    if not mix:
+        raise ValueError("--tasks names no task")
+    return tuple(mix)
+
+
+def steer(rng: random.Random, tokenizer: Any,
+          tasks: tuple[Task, ...] = TASKS) -> tuple[str, list[dict[str, str]], str]:
+    """(task name, system messages, opener) for one request, the task drawn from
+    ``tasks`` (repeat a task to weight it)."""
+    task = rng.choice(tasks)
     topic = rng.choice(TOPICS)
     base = _default_system(tokenizer) or "You are a helpful assistant."
     system = f"{base} {task.hint} This time the topic is {topic}."
@@ -179,6 +206,7 @@ def write_requests(
     accept: Callable[[str], str | None] = clean_request,
     max_idle_rounds: int = 5,
     keep_cut: bool = False,
+    tasks: tuple[Task, ...] = TASKS,
 ) -> dict[str, Any]:
     """Append ``n`` filtered requests to OUTPUT (jsonl: ``{"messages", "task"}``, the
     messages ending with the new user turn).  With ``histories``, each request is a
@@ -227,7 +255,7 @@ def write_requests(
             want = min(batch_size, 2 * (n - have))
             jobs = []
             for k in range(want):
-                task, system, opener = steer(rng, tokenizer)
+                task, system, opener = steer(rng, tokenizer, tasks)
                 history = histories[(have + k) % len(histories)] if histories else []
                 msgs = history if history else system
                 if history:

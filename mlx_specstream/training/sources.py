@@ -7,6 +7,9 @@
 * ``passages``: tasks over real passages (summarise, explain, rewrite, list the key
   points, answer a question) taken from the docstrings of the Python standard library.
 
+Besides prompts, ``stdlib_code`` gives real code as plain text: the functions of the
+standard library's modules, for the streams of code models (``distill --code-texts``).
+
 The last ``HELDOUT_CONVERSATIONS`` chitchat conversations are never used.  Each source
 is shuffled with a fixed seed, so ``n`` prompts of a source are always the same ones.
 """
@@ -121,6 +124,39 @@ def stdlib_passages(min_chars: int = 300, max_chars: int = 1200) -> list[tuple[s
                 name = getattr(node, "name", "")
                 out.append((f"{f.name}{':' + name if name else ''}", doc))
     return out
+
+
+def stdlib_code(min_chars: int = 300, max_chars: int = 2400) -> list[tuple[str, str]]:
+    """(source, code): the source text of the functions and methods of the standard
+    library's top-level modules (but ``HELDOUT_FILES``), within the length bounds, methods
+    dedented to the left margin."""
+    import textwrap
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for f in sorted(root.glob("*.py")):
+        if f.name in HELDOUT_FILES:
+            continue
+        try:
+            text = f.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            seg = ast.get_source_segment(text, node, padded=True)
+            if seg and min_chars <= len(seg) <= max_chars:
+                out.append((f"{f.name}:{node.name}", textwrap.dedent(seg).strip("\n") + "\n"))
+    return out
+
+
+def code_texts(n: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` (source, code) pairs of ``stdlib_code`` (all with None), in a fixed shuffled
+    order."""
+    items = stdlib_code()
+    random.Random(seed).shuffle(items)
+    return items if n is None else items[:n]
 
 
 def passage_tasks() -> list[Conversation]:

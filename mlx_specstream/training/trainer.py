@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
 from ..files import atomic_write, atomic_write_text, move_into_place
-from ..model import HALF_DTYPES, SpecStreamModel, build_msa_mask, causal_mask, model_dtype
+from ..model import HALF_DTYPES, SpecStreamModel, model_dtype, stream_attention
 from .data import Batch, iterate_micro_batches
 from .objective import SparseTargets, Terms, shifted_ce, stream_names
 
@@ -160,10 +161,11 @@ def stream_hidden(
     S = rows.shape[0]
     x = (h[:, rows][:, :, None, :] + model.stream_embeddings(h.dtype)).reshape(B, S * g, D)
     positions = mx.broadcast_to(mx.repeat(rows, g)[None], (B, S * g))
-    mask = build_msa_mask(causal_mask(T), 0, rows, g)[T:]
+    attend = partial(stream_attention, rows=rows, num_streams=g)
     replay = _KVReplay(feats.kv)
     for i in range(model.split, model.num_layers):
-        x = model.run_layer(i, x, positions=positions, mask=mask, cache=replay, main_rows=0)
+        x = model.run_layer(i, x, positions=positions, mask=None, cache=replay, main_rows=0,
+                            attend=attend)
     return x.reshape(B, S, g, D)
 
 
@@ -189,9 +191,12 @@ def sparse_terms(
     if train_streams and st.flat.size:
         D = feats.h.shape[-1]
         sh = stream_hidden(model, feats, st.rows).reshape(-1, D)[st.flat]
-        logits = model.head(sh).astype(mx.float32)
-        c = nn.losses.cross_entropy(logits, st.labels, reduction="none")
-        hit = mx.stop_gradient((mx.argmax(logits, axis=-1) == st.labels).astype(mx.float32))
+        logits, labels, inside = model.draft_targets(sh, st.labels)
+        logits = logits.astype(mx.float32)
+        c = nn.losses.cross_entropy(logits, labels, reduction="none")
+        hit = mx.stop_gradient((mx.argmax(logits, axis=-1) == labels).astype(mx.float32))
+        if inside is not None:  # a label outside the draft vocabulary is a miss, no loss
+            c, hit = c * inside, hit * inside
         for j, name in enumerate(stream_names(g)):
             w = (st.stream == j).astype(mx.float32)
             ce[name], correct[name], count[name] = (c * w).sum(), (hit * w).sum(), w.sum()
@@ -258,7 +263,7 @@ def prepare_model(
 ) -> SpecStreamModel:
     """The model to train: ``model`` itself when its stream config already equals
     ``spec`` (training continues from its streams), else a new SpecStreamModel over the
-    same base with fresh streams."""
+    same base with fresh streams (and the same draft vocabulary)."""
     same = (
         spec.draft_method == model.cfg.draft_method
         and spec.num_streams == model.cfg.num_streams
@@ -272,6 +277,8 @@ def prepare_model(
         return model
     mx.random.seed(seed)
     new = SpecStreamModel(model.base, spec)
+    if model._draft_head is not None and spec.draft_vocab_size:  # the folder's draft vocabulary
+        new.set_draft_vocab(model._draft_head.ids)
     mx.eval(new.streams.parameters())
     return new
 
@@ -349,9 +356,12 @@ def stream_ranks(model: SpecStreamModel, feats: Features, st: SparseTargets,
     sh = stream_hidden(model, feats, st.rows).reshape(-1, D)[st.flat]
     out = []
     for i in range(0, sh.shape[0], chunk):
-        logits = model.head(sh[i : i + chunk])
-        lab = mx.take_along_axis(logits, st.labels[i : i + chunk, None], axis=-1)
-        out.append((logits > lab).sum(axis=-1))
+        logits, labels, inside = model.draft_targets(sh[i : i + chunk], st.labels[i : i + chunk])
+        lab = mx.take_along_axis(logits, labels[:, None], axis=-1)
+        rank = (logits > lab).sum(axis=-1)
+        if inside is not None:  # cannot be drafted: never among the candidates
+            rank = mx.where(inside, rank, mx.array(np.iinfo(np.int32).max, dtype=rank.dtype))
+        out.append(rank)
         mx.eval(out[-1])
     return mx.concatenate(out) if out else mx.zeros((0,), dtype=mx.int32)
 
