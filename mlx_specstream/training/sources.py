@@ -22,7 +22,7 @@ import json
 import random
 import re
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .data import HELDOUT_CONVERSATIONS, chitchat_path, chitchat_prompts
@@ -100,19 +100,27 @@ HELDOUT_FILES = frozenset({
 })
 
 
-def stdlib_passages(min_chars: int = 300, max_chars: int = 1200) -> list[tuple[str, str]]:
-    """(source, passage): the docstrings of modules, classes and functions of the
-    standard library's top-level modules (but ``HELDOUT_FILES``), within the length
-    bounds."""
+def _stdlib_modules() -> Iterator[tuple[str, str, ast.Module]]:
+    """(file name, text, parsed tree) of the standard library's top-level modules, but
+    ``HELDOUT_FILES`` and files that do not parse."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
     for f in sorted(root.glob("*.py")):
         if f.name in HELDOUT_FILES:
             continue
         try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
+            text = f.read_text(encoding="utf-8")
+            tree = ast.parse(text)
         except (SyntaxError, UnicodeDecodeError):
             continue
+        yield f.name, text, tree
+
+
+def stdlib_passages(min_chars: int = 300, max_chars: int = 1200) -> list[tuple[str, str]]:
+    """(source, passage): the docstrings of modules, classes and functions of the
+    standard library's top-level modules (but ``HELDOUT_FILES``), within the length
+    bounds."""
+    out = []
+    for name_, _, tree in _stdlib_modules():
         nodes = [tree] + [n for n in ast.walk(tree)
                           if isinstance(n, ast.FunctionDef | ast.ClassDef)]
         for node in nodes:
@@ -122,7 +130,7 @@ def stdlib_passages(min_chars: int = 300, max_chars: int = 1200) -> list[tuple[s
             doc = re.sub(r"\n\s*\n", "\n\n", doc.strip())
             if min_chars <= len(doc) <= max_chars and doc.count(">>>") == 0:
                 name = getattr(node, "name", "")
-                out.append((f"{f.name}{':' + name if name else ''}", doc))
+                out.append((f"{name_}{':' + name if name else ''}", doc))
     return out
 
 
@@ -132,22 +140,14 @@ def stdlib_code(min_chars: int = 300, max_chars: int = 2400) -> list[tuple[str, 
     dedented to the left margin."""
     import textwrap
 
-    root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for f in sorted(root.glob("*.py")):
-        if f.name in HELDOUT_FILES:
-            continue
-        try:
-            text = f.read_text(encoding="utf-8")
-            tree = ast.parse(text)
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for name, text, tree in _stdlib_modules():
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             seg = ast.get_source_segment(text, node, padded=True)
             if seg and min_chars <= len(seg) <= max_chars:
-                out.append((f"{f.name}:{node.name}", textwrap.dedent(seg).strip("\n") + "\n"))
+                out.append((f"{name}:{node.name}", textwrap.dedent(seg).strip("\n") + "\n"))
     return out
 
 
