@@ -331,7 +331,7 @@ class SequenceState:
     prompt_time: float = 0.0
     branch_continued: int = 0  # context-branch tokens accepted
     branch_stopped: int = 0  # context branches rejected before their end
-    paused: bool = False  # this pass: the adaptive pause holds the streams back
+    paused: bool = False  # this pass: no stream nodes (the pause, or stale streams)
     wants_streams: bool = False  # this pass: the streams must run for this sequence
 
 
@@ -371,7 +371,8 @@ class PlainSampledAcceptor(GreedyAcceptor):
 
 def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bool = True,
                  tree: Tree | None = None, dynamic: bool | None = None,
-                 lookup_branches: int | None = None, rng: np.random.Generator | None = None
+                 lookup_branches: int | None = None, rng: np.random.Generator | None = None,
+                 lookup_skip_streams: int | None = None
                  ) -> tuple[StreamDrafter | ContextDrafter, GreedyAcceptor]:
     """The drafter and acceptor ``generate.stream_generate`` would use for one request
     (greedy: streams, dynamic chains, context branch; sampled: the streams' exact
@@ -393,6 +394,9 @@ def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bo
     lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
     if lookup < 0:
         raise ValueError(f"lookup_branches must be >= 0, got {lookup}")
+    skip = cfg.lookup_skip_streams if lookup_skip_streams is None else int(lookup_skip_streams)
+    if skip < 0:
+        raise ValueError(f"lookup_skip_streams must be >= 0, got {skip}")
     chains = None
     if speculative and dynamic:
         chains = [tree_from_paths([[0] * i for i in range(1, d + 1)])
@@ -400,7 +404,8 @@ def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bo
     drafter: StreamDrafter | ContextDrafter = StreamDrafter(
         tree, chains=chains, pass_cost=monotone_costs(cfg.tree_costs))
     if speculative and lookup:
-        drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM)
+        drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM,
+                                 skip_at=skip)
     return drafter, GreedyAcceptor()
 
 
@@ -433,7 +438,8 @@ class BatchDecoder:
     def add(self, prompt: Sequence[int] | mx.array, max_tokens: int = 256,
             params: SamplingParams | None = None, *, speculative: bool = True,
             tree: Tree | None = None, dynamic_tree: bool | None = None,
-            lookup_branches: int | None = None) -> int:
+            lookup_branches: int | None = None, lookup_skip_streams: int | None = None
+            ) -> int:
         """Queue a prompt (token ids); returns the sequence's id.  Raises ValueError for
         an empty prompt or one that does not fit in the context."""
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -443,7 +449,8 @@ class BatchDecoder:
         ids = ids.reshape(-1).astype(mx.int32)
         limit = check_context(self.model, ids.shape[0], max_tokens)
         drafter, acceptor = make_drafter(self.model, params, speculative, tree, dynamic_tree,
-                                         lookup_branches)
+                                         lookup_branches,
+                                         lookup_skip_streams=lookup_skip_streams)
         uses = drafter.uses_streams
         seq = SequenceState(
             uid=self._next_uid, prompt=ids, max_tokens=max_tokens, limit=limit,
@@ -527,10 +534,13 @@ class BatchDecoder:
         Sets each sequence's ``paused`` and ``wants_streams`` for this pass."""
         drafts: list[Draft | None] = []
         for b, seq in enumerate(self.running):
-            seq.paused = seq.pause.active
-            seq.wants_streams = seq.pause.take() if seq.paused else seq.drafter.uses_streams
+            pausing = seq.pause.active
+            run = seq.pause.take() if pausing else seq.drafter.uses_streams
+            seq.paused = pausing or seq.drafter.stale  # as speculative_loop
             room = seq.limit - int(self.cache.lengths[b])
-            drafts.append(seq.drafter.propose(seq.context, room, seq.paused))
+            draft = seq.drafter.propose(seq.context, room, seq.paused)
+            seq.wants_streams = run and not (draft is not None and draft.skip_streams)
+            drafts.append(draft)
         sized = [b for b, d in enumerate(drafts) if d is not None and d.tree.size > 1]
         if not (self.size_trees and sized and len(self.running) > 1):
             return drafts
@@ -585,7 +595,6 @@ class BatchDecoder:
 
     def _decode(self) -> list[BatchEvent]:
         model, cache = self.model, self.cache
-        g = model.cfg.num_streams
         drafts = self._drafts()
         full = [b for b, d in enumerate(drafts) if d is None]
         events = [BatchEvent(self.running[b].uid, [], "length", self.running[b]) for b in full]
@@ -639,12 +648,14 @@ class BatchDecoder:
         cache.commit(paths)
         self.passes += 1
         self.rows += B * L
+        stream_logits = self._stream_logits(x, L, paths)
         for b, seq in enumerate(self.running):
             seq.context.extend(news[b])
-            if seq.wants_streams:
-                host = L + paths[b][-1] * g  # the streams of the last accepted node
-                seq.stream_logits = model.draft_logits(x[b, host : host + seq.drafter.rows])
+            if b in stream_logits:
+                seq.stream_logits = stream_logits[b]
                 seq.drafter.observe(seq.stream_logits, seq.context)
+            elif seq.drafter.uses_streams:
+                seq.drafter.skip()
             out: list[int] = []
             for t in news[b]:
                 if seq.produced >= seq.max_tokens:
@@ -662,6 +673,26 @@ class BatchDecoder:
             events.append(BatchEvent(seq.uid, out, seq.finish, seq))
         self._retire([b for b, s in enumerate(self.running) if s.finish is not None])
         return events
+
+    def _stream_logits(self, x: mx.array, L: int, paths: list[list[int]]
+                       ) -> dict[int, mx.array]:
+        """The drafting logits of the streams of each sequence's last accepted node (for
+        the sequences whose pass ran them), through one LM-head product for the batch."""
+        g = self.model.cfg.num_streams
+        bidx: list[int] = []
+        ridx: list[int] = []
+        spans: dict[int, tuple[int, int]] = {}
+        for b, seq in enumerate(self.running):
+            if seq.wants_streams:
+                host = L + paths[b][-1] * g  # the streams of the last accepted node
+                rows = seq.drafter.rows
+                spans[b] = (len(bidx), len(bidx) + rows)
+                bidx += [b] * rows
+                ridx += range(host, host + rows)
+        if not spans:
+            return {}
+        logits = self.model.draft_logits(x[mx.array(bidx), mx.array(ridx)])
+        return {b: logits[i:j] for b, (i, j) in spans.items()}
 
     def _retire(self, rows: list[int]) -> None:
         if not rows:
@@ -860,8 +891,9 @@ SAMPLING_OPTIONS = ("temp", "top_p", "top_k", "min_p", "repetition_penalty",
 def add_with_options(decoder: BatchDecoder, prompt: Sequence[int] | mx.array, max_tokens: int,
                      **options) -> int:
     """``decoder.add`` with ``stream_generate``'s keyword options (speculative,
-    tree_topk, dynamic_tree, lookup_branches and the sampling options).  The early-exit
-    ``prune_threshold`` is not used in a batch; the lookup drafter is refused."""
+    tree_topk, dynamic_tree, lookup_branches, lookup_skip_streams and the sampling
+    options).  The early-exit ``prune_threshold`` is not used in a batch; the lookup
+    drafter is refused."""
     if options.pop("drafter", "streams") != "streams":
         raise ValueError("a batch drafts with the streams: the lookup drafter is not batched")
     options.pop("prune_threshold", None)
@@ -872,8 +904,9 @@ def add_with_options(decoder: BatchDecoder, prompt: Sequence[int] | mx.array, ma
     tree = product_tree(topk) if speculative and topk is not None else None
     dynamic = options.pop("dynamic_tree", None)
     lookup = options.pop("lookup_branches", None)
+    skip = options.pop("lookup_skip_streams", None)
     if options:
         raise TypeError(f"unknown options {sorted(options)}")
     return decoder.add(prompt, max_tokens, params, speculative=speculative, tree=tree,
                        dynamic_tree=dynamic if params.plain_greedy else None,
-                       lookup_branches=lookup)
+                       lookup_branches=lookup, lookup_skip_streams=skip)

@@ -37,6 +37,9 @@ class SpecStreamConfig:
         same slots of a pass, so the tree, pruning and acceptance code is shared.
     lookup_branches: the longest context (prompt-lookup) branch added to the greedy
         draft tree when the context repeats an earlier n-gram; 0 disables.
+    lookup_skip_streams: a pass whose context branch has at least this many tokens runs
+        without the stream rows (the text is being copied: the context is likely to draft
+        the next pass too, which then drafts from it alone); 0: the streams always run.
     draft_vocab_size: the streams draft from the first K token ids of the folder's
         frequency ranking (``draft_vocab.safetensors``, written by ``mlx-specstream
         vocab``): their LM head computes K rows instead of the whole vocabulary (FR-Spec).
@@ -56,6 +59,7 @@ class SpecStreamConfig:
     tree_costs: list[float] | None = None
     dynamic_tree: bool = False
     lookup_branches: int = 0
+    lookup_skip_streams: int = 0
     draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +100,10 @@ class SpecStreamConfig:
         if isinstance(self.lookup_branches, bool) or int(self.lookup_branches) < 0:
             raise ValueError(f"lookup_branches must be an int >= 0, got {self.lookup_branches}")
         self.lookup_branches = int(self.lookup_branches)
+        if isinstance(self.lookup_skip_streams, bool) or int(self.lookup_skip_streams) < 0:
+            raise ValueError(
+                f"lookup_skip_streams must be an int >= 0, got {self.lookup_skip_streams}")
+        self.lookup_skip_streams = int(self.lookup_skip_streams)
         if isinstance(self.draft_vocab_size, bool) or int(self.draft_vocab_size) < 0:
             raise ValueError(f"draft_vocab_size must be an int >= 0, got {self.draft_vocab_size}")
         self.draft_vocab_size = int(self.draft_vocab_size)

@@ -376,7 +376,8 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
     """Prefill, then one pass per step: draft, verify, accept, commit.  While the pause
     is on, the drafter drafts without the streams (the root alone, or a context branch)
     and the streams run on the pause's last pass only; a drafter that never runs the
-    streams never pauses."""
+    streams never pauses.  A draft marked ``skip_streams`` runs its pass without them
+    too; the next pass then drafts as a paused one."""
     limit = check_context(model, prompt.shape[0], max_tokens)
     with wired_limit(model):
         cache = model.make_cache()
@@ -391,11 +392,13 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
         yield context[-1]
         pause = Pause(model.cfg.draft_cost_ratio if drafter.uses_streams else 0.0)
         while produced < max_tokens:
-            paused = pause.active
-            with_streams = pause.take() if paused else drafter.uses_streams
+            pausing = pause.active
+            run_streams = pause.take() if pausing else drafter.uses_streams
+            paused = pausing or drafter.stale  # no stream nodes: the pause, or none were run
             draft = drafter.propose(context, limit - cache.offset, paused)
             if draft is None:
                 return  # context full
+            with_streams = run_streams and not draft.skip_streams
             x, tree, tokens, kept = verify(model, cache, draft, with_streams, prune_threshold)
             n = tree.size
             targets = acceptor.targets(model.head(x[:n]), tokens, tree, context)
@@ -418,6 +421,8 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
             if with_streams:
                 host = n + path[-1] * g  # the streams of the last accepted node
                 drafter.observe(model.draft_logits(x[host : host + drafter.rows]), context)
+            elif drafter.uses_streams:
+                drafter.skip()
             for tok in new_tokens:
                 if produced >= max_tokens:
                     return
@@ -437,13 +442,16 @@ def speculative_steps(
     prune_threshold: float | None = None,
     dynamic: bool | None = None,
     lookup_branches: int | None = None,
+    lookup_skip_streams: int | None = None,
 ) -> Iterator[int]:
     """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding.
 
     dynamic: a chain sized per step (``drafting.chain_length``) instead of one tree;
     default ``cfg.dynamic_tree``.  lookup_branches: the longest context branch
     (``drafting.ContextDrafter``; 0: none; default ``cfg.lookup_branches``).  A
-    one-node tree with a branch is prompt lookup."""
+    one-node tree with a branch is prompt lookup.  lookup_skip_streams: a pass whose
+    branch has at least this many tokens runs without the streams (0: never; default
+    ``cfg.lookup_skip_streams``)."""
     cfg = model.cfg
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
     lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
@@ -463,7 +471,11 @@ def speculative_steps(
         return
     drafter = StreamDrafter(tree, chains=chains, pass_cost=monotone_costs(cfg.tree_costs))
     if lookup:
-        drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM)
+        skip = cfg.lookup_skip_streams if lookup_skip_streams is None else lookup_skip_streams
+        if skip < 0:
+            raise ValueError(f"lookup_skip_streams must be >= 0, got {skip}")
+        drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM,
+                                 skip_at=int(skip))
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
     yield from speculative_loop(model, prompt, max_tokens, stats, drafter, GreedyAcceptor(),
                                 threshold)

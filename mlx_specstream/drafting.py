@@ -2,12 +2,15 @@
 
 ``observe(stream_logits, context)`` receives the ``rows`` stream logits of the last
 accepted node (lazy: their LM head runs inside the next pass) on passes that ran the
-streams; ``propose(context, room, paused)`` returns the ``Draft`` (root:
-``context[-1]``) of at most ``room`` nodes, or None when the root does not fit;
-``paused``: the adaptive pause holds the streams back.  ``StreamDrafter``: the
-speculative streams (Medusa heads fill the same slots), one tree or a chain sized per
-step.  ``ContextDrafter``: a prompt-lookup branch under another drafter's tree; over
-the root alone it is plain prompt lookup.
+streams, ``skip()`` is told of a pass that ran without them (``stale``: nothing to draft
+from until the next that runs them); ``propose(context, room, paused)`` returns the
+``Draft`` (root: ``context[-1]``) of at most ``room`` nodes, or None when the root does
+not fit; ``paused``: no stream nodes this pass (the adaptive pause, or stale streams).
+``StreamDrafter``: the speculative streams (Medusa heads fill the same slots), one tree or
+a chain sized per step.  ``ContextDrafter``: a prompt-lookup branch under another
+drafter's tree; over the root alone it is plain prompt lookup.  A long branch (``skip_at``
+tokens or more) marks its pass ``skip_streams``: the text is being copied, the next pass
+is likely drafted by the context again, and the pass saves the stream rows of every node.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Draft:
     branch: list[int] = field(default_factory=list)
     q: mx.array | None = None  # the streams' proposals, for exact sampling
     cands: mx.array | None = None  # (rows, kmax) candidates in draw order
+    skip_streams: bool = False  # this pass need not run the streams (a long context branch)
 
 
 def topk_indices(logits: mx.array, k: int) -> mx.array:
@@ -118,15 +122,21 @@ class StreamDrafter:
         self.uses_streams = self.tree.size > 1
         self.made: dict[int, tuple] = {}
         self.q = self.cands = self.conf = None
+        self.stale = False  # the last pass ran without the streams
 
     def observe(self, stream_logits: mx.array, context: list[int]) -> None:
+        self.stale = False
         self.q, self.cands = self.proposals(stream_logits, context, self.tree.kmax)
         if self.chains:  # float32 on the device: the host reads it (numpy has no bfloat16)
             sl = stream_logits.astype(mx.float32)
             self.conf = mx.exp(mx.max(sl, axis=-1) - mx.logsumexp(sl, axis=-1))
 
+    def skip(self) -> None:
+        self.stale = True
+        self.q = self.cands = self.conf = None
+
     def propose(self, context: list[int], room: int, paused: bool) -> Draft | None:
-        if paused:
+        if paused or self.stale:
             tree = ROOT
         elif self.chains:
             tree = self.chains[chain_length(np.array(self.conf), self.pass_cost)]
@@ -149,12 +159,14 @@ class ContextDrafter:
     chain follows the base tree's nodes as long as they carry its tokens and continues
     as new nodes (any depth) below the last of them, so no two siblings repeat a token;
     reading the base nodes' tokens for that costs one host sync on steps with a match.
-    During the pause the base draft is the root alone, so the branch is verified alone."""
+    During the pause the base draft is the root alone, so the branch is verified alone.
+    ``skip_at`` > 0: a chain of at least that many tokens marks the draft ``skip_streams``."""
 
     def __init__(self, base: StreamDrafter, max_len: int, max_ngram: int = 3,
-                 min_ngram: int = 1) -> None:
+                 min_ngram: int = 1, skip_at: int = 0) -> None:
         self.base = base
         self.max_len, self.max_ngram, self.min_ngram = max_len, max_ngram, min_ngram
+        self.skip_at = skip_at
         self.rows, self.uses_streams = base.rows, base.uses_streams
         self.max_depth = base.max_depth or max_len
         self.made = base.made
@@ -163,11 +175,19 @@ class ContextDrafter:
     def observe(self, stream_logits: mx.array, context: list[int]) -> None:
         self.base.observe(stream_logits, context)
 
+    def skip(self) -> None:
+        self.base.skip()
+
+    @property
+    def stale(self) -> bool:
+        return self.base.stale
+
     def propose(self, context: list[int], room: int, paused: bool) -> Draft | None:
         draft = self.base.propose(context, room, paused)
         chain = find_draft(context, self.max_ngram, self.max_len, self.min_ngram)
         if draft is None or not chain:
             return draft
+        draft.skip_streams = 0 < self.skip_at <= len(chain)
         base = draft.tree
         on_branch = [0]
         if base.size > 1:

@@ -151,8 +151,8 @@ def check_unsupported(kwargs: dict[str, Any]) -> None:
     if other:
         msg += (
             "; options are: speculative, drafter, tree_topk, prune_threshold, dynamic_tree, "
-            "lookup_branches, stop, temp, top_p, top_k, min_p, repetition_penalty, "
-            "repetition_context_size, seed"
+            "lookup_branches, lookup_skip_streams, stop, temp, top_p, top_k, min_p, "
+            "repetition_penalty, repetition_context_size, seed"
         )
     raise TypeError(msg)
 
@@ -183,6 +183,7 @@ def stream_generate(
     prune_threshold: float | None = None,
     dynamic_tree: bool | None = None,
     lookup_branches: int | None = None,
+    lookup_skip_streams: int | None = None,
     stop: Sequence[str] | None = None,
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -207,6 +208,9 @@ def stream_generate(
         the same pass; 0 disables (default: config).  Greedy decoding with the streams
         drafter only: not used when sampling (as ``prune_threshold``), so that a server
         or chat started with it still serves sampled requests.
+    lookup_skip_streams: a pass whose context branch has at least this many tokens runs
+        without the streams (copying text, the context drafts the next pass too); 0: the
+        streams always run (default: config).
     stop: stop strings; generation ends before the first one, which is not emitted.
     temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size: mlx-lm's
         sampling options (see ``sampling.SamplingParams``).  temp 0 without a
@@ -237,11 +241,11 @@ def stream_generate(
     tree = product_tree(tree_topk) if speculative and tree_topk is not None else None
     if drafter not in ("streams", "lookup"):
         raise ValueError(f"drafter must be 'streams' or 'lookup', got {drafter!r}")
-    if lookup_branches is not None and (
-        isinstance(lookup_branches, bool) or not isinstance(lookup_branches, int)
-        or lookup_branches < 0
-    ):
-        raise ValueError(f"lookup_branches must be an integer >= 0, got {lookup_branches!r}")
+    for name, value in (("lookup_branches", lookup_branches),
+                        ("lookup_skip_streams", lookup_skip_streams)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if drafter == "lookup" and speculative:
         if not params.plain_greedy:
             raise ValueError("the lookup drafter decodes greedily only (temp 0)")
@@ -249,7 +253,7 @@ def stream_generate(
     elif params.plain_greedy:
         if speculative:
             steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold,
-                                      dynamic_tree, lookup_branches)
+                                      dynamic_tree, lookup_branches, lookup_skip_streams)
         else:
             steps = autoregressive_steps(model, ids, max_tokens, stats)
     elif speculative:

@@ -94,6 +94,14 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="add the continuation (at most N tokens) of an n-gram the context repeats "
         "to the draft tree, 0 disables (greedy only; default: the model's)",
     )
+    g.add_argument(
+        "--lookup-skip-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run a pass without the stream rows when its context branch has at least N "
+        "tokens (copied text), 0: never (default: the model's)",
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,6 +117,11 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if args.lookup_branches < 0:
             raise ValueError(f"--lookup-branches must be >= 0, got {args.lookup_branches}")
         kw["lookup_branches"] = int(args.lookup_branches)
+    if getattr(args, "lookup_skip_streams", None) is not None:
+        if args.lookup_skip_streams < 0:
+            raise ValueError(
+                f"--lookup-skip-streams must be >= 0, got {args.lookup_skip_streams}")
+        kw["lookup_skip_streams"] = int(args.lookup_skip_streams)
     if kw.get("dynamic_tree") and not is_greedy(
         getattr(args, "temp", None), getattr(args, "repetition_penalty", None)
     ):

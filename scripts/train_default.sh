@@ -19,7 +19,7 @@
 # Usage: scripts/train_default.sh [WORK_DIR]   (default runs/default; resumable: distill
 # appends and skips prompts already answered).  Environment: PYTHON, NUM_PROMPTS, EPOCHS,
 # ALL_PROMPTS, CONT_ITERS, CONT2_ITERS, SELF_INSTRUCT, FOLLOW_UPS, PER_SOURCE, BROAD_ITERS,
-# BROAD2_ITERS;
+# BROAD2_ITERS, BROAD3_ITERS;
 # START_STREAMS=DIR starts step 5 from the streams in DIR instead of running steps 1-4.
 # The shipped run: steps 1-2 with 3000 prompts, batch 128, 48 epochs of 8192-token batches,
 # lr 1e-3, P lr 5e-3, pruning adapter 200 steps after the streams, on a lent H200 (MLX CUDA,
@@ -50,6 +50,7 @@ FOLLOW_UPS=${FOLLOW_UPS:-400}
 PER_SOURCE=${PER_SOURCE:-200}
 BROAD_ITERS=${BROAD_ITERS:-30}
 BROAD2_ITERS=${BROAD2_ITERS:-40}
+BROAD3_ITERS=${BROAD3_ITERS:-240}
 START_STREAMS=${START_STREAMS:-}
 mkdir -p "$WORK"
 MODEL=$("$PY" -c "import mlx_specstream
@@ -104,17 +105,46 @@ fi
     --seed 3 --exit-phase none --cache-gb 3 --eval-every 10 --max-valid 60 \
     --checkpoint-every 10 --checkpoint-dir "$WORK/checkpoints_broad2" \
     --report "$WORK/train_report_broad2.json"
+
+# Step 6: the draft vocabulary (the 8,192 tokens most frequent in the broad answers, 99.0%
+# of them) in a working folder (the model's files linked, its own config), and a third
+# continuation whose stream loss is over those rows only (the LM head's share of a step
+# falls by 6x).
+mkdir -p "$WORK/model"
+for f in "$MODEL"/*; do
+    case "$(basename "$f")" in
+        config.json | specstream.safetensors) ;;
+        *) ln -sf "$(realpath "$f")" "$WORK/model/" ;;
+    esac
+done
+cp "$WORK/streams_broad2/specstream.safetensors" "$WORK/model/"
+MODEL="$MODEL" WORK="$WORK" "$PY" - <<'PYEOF'
+import json, os
+cfg = json.load(open(os.path.join(os.environ["MODEL"], "config.json")))
+section = json.load(open(os.path.join(os.environ["WORK"], "streams_broad2", "config.json")))
+cfg["speculative_streaming"] = section["speculative_streaming"]
+json.dump(cfg, open(os.path.join(os.environ["WORK"], "model", "config.json"), "w"), indent=2)
+PYEOF
+"$PY" -m mlx_specstream.cli vocab --model "$WORK/model" --data "$WORK/broad/train.jsonl" \
+    --size 8192
+"$PY" -m mlx_specstream.cli train --model "$WORK/model" --data "$WORK/broad" \
+    --adapter-path "$WORK/streams_broad3" --mode lossless \
+    --iters "$BROAD3_ITERS" --batch-tokens 4096 --lr 3e-4 --embed-lr 1.5e-3 --warmup 0.05 \
+    --seed 4 --exit-phase none --cache-gb 4 --eval-every 20 --max-valid 60 \
+    --checkpoint-every 10 --checkpoint-dir "$WORK/checkpoints_broad3" --resume \
+    --report "$WORK/train_report_broad3.json"
 "$PY" benchmarks/plot_learning_curve.py "$WORK/train_report_broad.json" \
-    "$WORK/train_report_broad2.json"
+    "$WORK/train_report_broad2.json" "$WORK/train_report_broad3.json"
 
 mkdir -p mlx_specstream/default_streams
-cp "$WORK/streams_broad2/config.json" "$WORK/streams_broad2/specstream.safetensors" \
-    "$WORK/train_report_broad.json" "$WORK/train_report_broad2.json" \
+cp "$WORK/streams_broad3/config.json" "$WORK/streams_broad3/specstream.safetensors" \
+    "$WORK/model/draft_vocab.safetensors" "$WORK/train_report_broad.json" \
+    "$WORK/train_report_broad2.json" "$WORK/train_report_broad3.json" \
     mlx_specstream/default_streams/
 
 # Tokens per forward pass on the broad benchmark suite (benchmarks/suite), adaptive pause
 # off: the product tree [3, 2, 1] and the chain, each with and without context drafts.
-"$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_broad2" \
+"$PY" benchmarks/bench_heldout.py --model "$MODEL" --streams-path "$WORK/streams_broad3" \
     --trees 3,2,1 1,1,1 --row "3,2,1 + context" tree_topk=3,2,1 lookup_branches=4 \
     --output "$WORK/heldout.md"
 

@@ -80,12 +80,15 @@ def test_batched_greedy_equals_each_prompt_alone(which, topk, size_trees) -> Non
         assert decoder.cache.size == 0  # everyone left
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "lookup", "plain"])
+@pytest.mark.parametrize("mode", ["dynamic", "lookup", "lookup-skip", "plain"])
 def test_batched_drafters_equal_alone(mode) -> None:
-    """Dynamic chains, context branches and plain decoding (speculative off)."""
+    """Dynamic chains, context branches (passes with a long one without the streams, too)
+    and plain decoding (speculative off)."""
     model = repeating_model()
     kw = {"dynamic": {"dynamic_tree": True, "lookup_branches": 0},
-          "lookup": {"lookup_branches": 4}, "plain": {"speculative": False}}[mode]
+          "lookup": {"lookup_branches": 4},
+          "lookup-skip": {"lookup_branches": 4, "lookup_skip_streams": 2},
+          "plain": {"speculative": False}}[mode]
     decoder = BatchDecoder(model)
     ids = [decoder.add(p, n, **kw) for p, n in zip(PROMPTS, MAXES, strict=True)]
     out = run(decoder)
@@ -94,7 +97,8 @@ def test_batched_drafters_equal_alone(mode) -> None:
             ref = alone(model, p, n, product_tree([]), lookup_branches=0)
         else:
             ref = alone(model, p, n, dynamic=kw.get("dynamic_tree"),
-                        lookup_branches=kw["lookup_branches"])
+                        lookup_branches=kw["lookup_branches"],
+                        lookup_skip_streams=kw.get("lookup_skip_streams"))
         assert out[uid] == ref
 
 

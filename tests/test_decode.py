@@ -425,6 +425,33 @@ def test_context_branch_during_the_pause() -> None:
     assert keys == PROMPT.tolist() + out[: committed - PROMPT.shape[0]]
 
 
+@pytest.mark.parametrize("skip_at", [1, 4])
+def test_passes_with_a_long_context_branch_run_without_the_streams(skip_at) -> None:
+    """Streams always wrong, the context right: passes whose branch is long run without
+    the stream rows, the next pass drafts from the context alone, the output is the
+    truth, and as many tokens come per pass as with the streams always on."""
+    model = FakeModel(3, [3, 2, 1], streams_right=False, exit_probs="uniform")
+    calls: list[bool] = []
+    upper = model.upper_hidden
+
+    def spy(*args, with_streams=True, **kw):
+        calls.append(with_streams)
+        return upper(*args, with_streams=with_streams, **kw)
+
+    model.upper_hidden = spy
+    stats = DecodeStats()
+    out = list(speculative_steps(model, PROMPT, 60, stats, lookup_branches=4,
+                                 lookup_skip_streams=skip_at))
+    assert out == truth(3, 60)
+    assert calls.count(False) > len(calls) // 2  # the copying passes saved the streams
+    always = DecodeStats()
+    model.upper_hidden = upper
+    assert list(speculative_steps(model, PROMPT, 60, always, lookup_branches=4)) == out
+    assert stats.tokens_per_pass >= always.tokens_per_pass - 0.5
+    with pytest.raises(ValueError, match="lookup_skip_streams"):
+        SpecStreamConfig(lookup_skip_streams=-1)
+
+
 REPEATS = mx.array([1, 5, 7, 9, 11, 2, 3, 8, 1, 5, 7, 9, 11, 2, 3, 8, 1, 5, 7])
 
 
@@ -440,7 +467,7 @@ def test_context_branch_equals_mlx_lm_greedy(model_type, topk, threshold) -> Non
         assert out == ref
 
 
-@pytest.mark.parametrize("mode", ["tree", "pruned", "dynamic", "paused", "root-only"])
+@pytest.mark.parametrize("mode", ["tree", "pruned", "dynamic", "paused", "root-only", "skip"])
 def test_context_branch_is_used_and_lossless_on_a_repeating_model(mode) -> None:
     """A weak model repeats itself, so the context branch is proposed and accepted; the
     output stays the base model's greedy output in every mode."""
@@ -455,7 +482,7 @@ def test_context_branch_is_used_and_lossless_on_a_repeating_model(mode) -> None:
     stats = DecodeStats()
     tree = product_tree([]) if mode == "root-only" else None
     out = list(speculative_steps(model, REPEATS, 41, stats, tree, dynamic=mode == "dynamic",
-                                 lookup_branches=4))
+                                 lookup_branches=4, lookup_skip_streams=2 * (mode == "skip")))
     assert out == ref
     assert stats.lookup_accepted > 0
 

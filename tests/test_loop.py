@@ -95,6 +95,25 @@ def test_context_branch_merges_into_the_stream_tree() -> None:
     assert full.tree.size == 5 and full.branch == [0, 2, 4]
 
 
+def test_a_long_context_branch_skips_the_streams_and_leaves_them_stale() -> None:
+    """A chain of at least ``skip_at`` tokens marks the draft; after a pass without the
+    streams the drafter has nothing to draft from (the root and the branch alone) until
+    it observes streams again."""
+    context = [4, 7, 5, 9, 1, 2, 4, 7]  # 4 7 was followed by 5 9 1 2 ...
+    for skip_at, marked in ((0, False), (3, True), (4, True), (5, False)):
+        drafter = ContextDrafter(StreamDrafter(product_tree([2, 1])), max_len=4,
+                                 max_ngram=2, skip_at=skip_at)
+        drafter.observe(logits_ranking([6, 5], [9, 8]), context)
+        assert drafter.propose(context, room=10, paused=False).skip_streams is marked
+    assert not drafter.stale
+    drafter.skip()
+    assert drafter.stale
+    stale = drafter.propose(context, room=10, paused=False)
+    assert stale.streams == 1 and stale.tokens.tolist() == [7, 5, 9, 1, 2]
+    drafter.observe(logits_ranking([6, 5], [9, 8]), context)
+    assert not drafter.stale and drafter.propose(context, room=10, paused=False).streams == 5
+
+
 def test_greedy_acceptor_on_a_hand_made_tree() -> None:
     tree = product_tree([2, 1])
     tokens = np.array([7, 5, 6, 9, 3])  # node i's token
