@@ -317,3 +317,23 @@ def test_learning_curves_of_continued_runs_chain() -> None:
     rows = chained_rows([report(1.5, [(100, 1.6), (200, 1.7)]), report(1.7, [(50, 1.8)])])
     assert [r["examples"] for r in rows] == [0, 100, 200, 250]
     assert [r["tpp"]["[3, 2, 1]"] for r in rows] == [1.5, 1.6, 1.7, 1.8]
+
+
+def test_pass_cost_benchmark_runs_on_a_tiny_folder(api_model_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """pass_cost: one row per folder with mlx-lm's step, the plain pass and each size."""
+    import json
+    import warnings
+
+    import pass_cost
+
+    monkeypatch.setattr(pass_cost, "RESULTS", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert pass_cost.main(["--model", str(api_model_dir), "--sizes", "1,3",
+                               "--context", "16", "--repeat", "1", "--tag", "t"]) == 0
+    data = json.loads((tmp_path / "pass_cost_t.json").read_text())
+    cost = data[str(api_model_dir)]
+    assert set(cost["tree"]) == {"1", "3"} and cost["mlx_lm_step"] > 0
+    assert cost["autoregressive"] > 0
+    assert "| 3 nodes + streams |" in (tmp_path / "pass_cost_t.md").read_text()
