@@ -30,6 +30,14 @@ probable nodes of its tree.  The probabilities are read from the streams' own
 distributions, never from which tokens were drawn, so sampled sequences keep their
 exact law.
 
+The streams for the batch (``BatchDecoder.stream_pause``): a pass that carries the
+stream rows of B sequences costs ``batch_stream_costs[B-1]`` passes without them
+(calibrated), far more than for one sequence.  The batch observes the tokens per
+sequence per unit of cost of its passes with streams; while that stays below one (what
+a pass without streams gives), it runs the next passes without any stream rows (context
+branches still draft) and probes the streams again after a pause, as the single loop's
+``Pause`` does, every sequence's own pause left as it was.
+
 Greedy output equals each prompt decoded alone (``decode.speculative_steps``) up to the
 rounding of batched matmuls; pruning is not used in a batch (it would need one more
 host synchronisation per step, and per sequence).
@@ -67,6 +75,8 @@ from .tree import Tree, product_tree, subtree, tree_from_paths
 
 COMPACT_SLACK = 64  # holes tolerated past the longest sequence before compacting
 PREFILL_CHUNK = 512  # as decode.prefill: the same chunks, the same arithmetic
+PREFILL_GROUP_ROWS = 4  # a group prefill pass holds up to this many chunks of rows
+PREFILL_PADDING = 1.25  # and at most this many rows per prompt token (padding included)
 
 
 class BatchKVCache:
@@ -76,6 +86,8 @@ class BatchKVCache:
     number of tokens (its next RoPE position).  The model calls ``write`` and
     ``attention_mask`` (see ``model.attention_mask``); the batch decoder calls
     ``commit``, ``add`` and ``remove``."""
+
+    stream_slots = True  # write() takes the stream rows' keys/values (model.run_layer)
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -100,21 +112,29 @@ class BatchKVCache:
         return int(self.size * self.ptr - self.lengths.sum())
 
     # -- used by the model -------------------------------------------------------
-    def write(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def write(self, layer: int, keys: mx.array, values: mx.array,
+              stream_keys: mx.array | None = None, stream_values: mx.array | None = None
+              ) -> tuple[mx.array, mx.array]:
         """Store the pass's keys/values (B, Hkv, n, D) at the write pointer; return every
-        slot up to them (the mask says which each sequence sees)."""
+        slot up to them (the mask says which each sequence sees).  Stream rows' keys and
+        values go to the spare slots after them and are returned after them, never
+        committed (as ``TreeKVCache.write``: no copy of the cache per MSA layer)."""
         n = keys.shape[2]
         end = self.ptr + n
+        stop = end + (stream_keys.shape[2] if stream_keys is not None else 0)
         buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or end > buf_k.shape[2]:
-            cap = -(-end // STEP) * STEP
+        if buf_k is None or stop > buf_k.shape[2]:
+            cap = -(-stop // STEP) * STEP
             buf_k, buf_v = (_resized(b, new, cap, self.ptr) for b, new in
                             ((buf_k, keys), (buf_v, values)))
         buf_k[..., self.ptr : end, :] = keys
         buf_v[..., self.ptr : end, :] = values
+        if stop > end:
+            buf_k[..., end:stop, :] = stream_keys
+            buf_v[..., end:stop, :] = stream_values
         self.keys[layer], self.values[layer] = buf_k, buf_v
         self.pending = n
-        return buf_k[..., :end, :], buf_v[..., :end, :]
+        return buf_k[..., :stop, :], buf_v[..., :stop, :]
 
     def attention_mask(self, new_mask: mx.array, stream_rows: mx.array | None,
                        num_streams: int) -> mx.array:
@@ -215,6 +235,41 @@ class BatchKVCache:
         self.lengths = np.append(self.lengths, P)
         self._cached_mask = None
         return self.size - 1
+
+    @classmethod
+    def empty(cls, num_layers: int, size: int) -> BatchKVCache:
+        """A cache of ``size`` sequences holding no tokens yet (a group prefill's)."""
+        cache = cls(num_layers)
+        cache.valid = np.zeros((size, 0), dtype=bool)
+        cache.lengths = np.zeros(size, dtype=np.int64)
+        return cache
+
+    def merge(self, other: BatchKVCache) -> list[int]:
+        """Append every sequence of ``other`` (its committed slots, right-aligned to the
+        write pointer as ``add`` does); returns their batch rows."""
+        other.compact()
+        W = other.ptr
+        shift = max(0, W - self.ptr)
+        ptr = self.ptr + shift
+        cap = max(-(-ptr // STEP) * STEP, STEP)
+        for bufs, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for layer in range(self.num_layers):
+                new = mx.pad(theirs[layer][..., :W, :],
+                             [(0, 0), (0, 0), (ptr - W, cap - ptr), (0, 0)])
+                old = bufs[layer]
+                if old is not None and self.size:
+                    old = mx.pad(old[..., : self.ptr, :],
+                                 [(0, 0), (0, 0), (shift, cap - ptr), (0, 0)])
+                    new = mx.concatenate([old, new], axis=0)
+                bufs[layer] = new
+        valid = np.zeros((self.size + other.size, ptr), dtype=bool)
+        valid[: self.size, shift:] = self.valid[:, : self.ptr]
+        valid[self.size :, ptr - W :] = other.valid[:, :W]
+        first = self.size
+        self.valid, self.ptr = valid, ptr
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+        self._cached_mask = None
+        return list(range(first, self.size))
 
     def remove(self, rows: Sequence[int]) -> None:
         """Drop the given sequences (batch rows)."""
@@ -427,13 +482,26 @@ class BatchDecoder:
         self.running: list[SequenceState] = []  # in cache row order
         self.waiting: list[SequenceState] = []
         self.pass_cost = monotone_costs(model.cfg.tree_costs)
+        cfg = model.cfg
+        # observes tokens per sequence per unit of cost: a pass without streams gives 1
+        self.stream_pause = Pause(1.0 if cfg.batch_stream_costs or cfg.draft_cost_ratio else 0.0)
+        self.batch_paused = False  # this pass: no sequence drafts from or runs the streams
         self.passes = 0  # batched passes run
+        self.paused_passes = 0  # batched passes without streams for the batch's sake
         self.rows = 0  # tree rows (padding included) over those passes
         self._next_uid = 0
 
     @property
     def active(self) -> int:
         return len(self.running) + len(self.waiting)
+
+    def stream_cost(self, batch: int) -> float:
+        """Cost of a pass of ``batch`` sequences with their stream rows over the same pass
+        without them (``batch_stream_costs``; uncalibrated: ``draft_cost_ratio``)."""
+        costs = self.model.cfg.batch_stream_costs
+        if costs:
+            return costs[min(batch, len(costs)) - 1]
+        return max(self.model.cfg.draft_cost_ratio, 1.0)
 
     def add(self, prompt: Sequence[int] | mx.array, max_tokens: int = 256,
             params: SamplingParams | None = None, *, speculative: bool = True,
@@ -488,9 +556,90 @@ class BatchDecoder:
         if self.running:
             events += self._decode()
         if self.waiting:
-            ev = self._prefill_chunk(self.waiting[0])
-            if ev is not None:
-                events.append(ev)
+            group = self._prefill_group()
+            if len(group) > 1:
+                events += self._prefill_together(group)
+            else:
+                ev = self._prefill_chunk(self.waiting[0])
+                if ev is not None:
+                    events.append(ev)
+        return events
+
+    def _prefill_group(self) -> list[SequenceState]:
+        """The waiting sequences, oldest first, that one batched prefill pass takes: whole
+        prompts of at most one chunk, up to ``prefill_chunk * PREFILL_GROUP_ROWS`` rows
+        with padding (longer prompts are prefilled alone, chunk by chunk)."""
+        group: list[SequenceState] = []
+        longest = total = 0
+        for seq in self.waiting:
+            P = seq.prompt.shape[0]
+            if seq.prefilled or P > self.prefill_chunk:
+                break
+            rows = (len(group) + 1) * max(longest, P)
+            if rows > self.prefill_chunk * PREFILL_GROUP_ROWS or rows > PREFILL_PADDING * (
+                    total + P):
+                break
+            group.append(seq)
+            longest, total = max(longest, P), total + P
+        return group
+
+    def _prefill_together(self, group: list[SequenceState]) -> list[BatchEvent]:
+        """Prefill whole prompts in one pass (left-padded: every prompt's last token is
+        the last row, whose streams draft), then each sequence's first token; the
+        sequences join the batch."""
+        model = self.model
+        k = len(group)
+        lens = [s.prompt.shape[0] for s in group]
+        P = max(lens)
+        tokens = np.zeros((k, P), dtype=np.int32)
+        positions = np.zeros((k, P), dtype=np.int32)
+        mask = np.zeros((k, P, P), dtype=bool)
+        causal = np.tril(np.ones((P, P), dtype=bool))
+        for b, (seq, n) in enumerate(zip(group, lens, strict=True)):
+            off = P - n
+            tokens[b, off:] = np.array(seq.prompt)
+            positions[b, off:] = np.arange(n)
+            mask[b, off:, off:] = causal[:n, :n]
+            mask[b, np.arange(off), np.arange(off)] = True  # padding sees itself only
+        streams = any(s.drafter.uses_streams for s in group)
+        cache = BatchKVCache.empty(model.num_layers, k)
+        new_mask = mx.array(mask)
+        pos = mx.array(positions)
+        h = model.lower(mx.array(tokens), pos, new_mask, cache)
+        x = model.upper_hidden(h, pos, new_mask, cache,
+                               stream_rows=mx.array([P - 1]) if streams else None,
+                               with_streams=streams)
+        main = model.head(x[:, P - 1])
+        drafting = model.draft_logits(x[:, P:]) if streams else None
+        cache.commit([list(range(P - n, P)) for n in lens])
+        mx.eval(cache.state_arrays(), main, *([drafting] if streams else []))
+        events: list[BatchEvent] = []
+        joined: list[SequenceState] = []
+        for b, seq in enumerate(group):
+            first = seq.acceptor.first(main[b], seq.context)
+            seq.context.append(first)
+            if seq.drafter.uses_streams:
+                seq.stream_logits = drafting[b, : seq.drafter.rows]
+                seq.drafter.observe(seq.stream_logits, seq.context)
+            seq.prompt_time = time.perf_counter() - seq.started
+            seq.produced = 1
+            ev = BatchEvent(seq.uid, [first], state=seq)
+            if first in self.eos:
+                ev.tokens, ev.finish = [], "stop"
+            elif seq.max_tokens <= 1:
+                ev.finish = "length"
+            seq.finish = ev.finish
+            if ev.finish is None:
+                joined.append(seq)
+            events.append(ev)
+        for seq in group:
+            self.waiting.remove(seq)
+        keep = [b for b, seq in enumerate(group) if seq.finish is None]
+        if keep:
+            if len(keep) < k:
+                cache.remove([b for b in range(k) if b not in keep])
+            self.cache.merge(cache)
+            self.running.extend(joined)
         return events
 
     def _prefill_chunk(self, seq: SequenceState) -> BatchEvent | None:
@@ -533,21 +682,28 @@ class BatchDecoder:
         """Each running sequence's draft (None: its context is full), sized for the batch.
         Sets each sequence's ``paused`` and ``wants_streams`` for this pass."""
         drafts: list[Draft | None] = []
+        batched = self.size_trees and len(self.running) > 1
+        self.batch_paused = batched and self.stream_pause.active
+        probe = self.stream_pause.take() if self.batch_paused else False
         for b, seq in enumerate(self.running):
             pausing = seq.pause.active
-            run = seq.pause.take() if pausing else seq.drafter.uses_streams
-            seq.paused = pausing or seq.drafter.stale  # as speculative_loop
+            if self.batch_paused:  # its own pause waits; the batch's last plain pass probes
+                run = probe and not pausing and seq.drafter.uses_streams
+            else:
+                run = seq.pause.take() if pausing else seq.drafter.uses_streams
+            seq.paused = pausing or self.batch_paused or seq.drafter.stale
             room = seq.limit - int(self.cache.lengths[b])
             draft = seq.drafter.propose(seq.context, room, seq.paused)
             seq.wants_streams = run and not (draft is not None and draft.skip_streams)
             drafts.append(draft)
         sized = [b for b, d in enumerate(drafts) if d is not None and d.tree.size > 1]
-        if not (self.size_trees and sized and len(self.running) > 1):
+        if not (batched and sized):
             return drafts
         with_streams = [b for b in sized if drafts[b].streams > 1
                         and self.running[b].stream_logits is not None]
-        conf = {b: _stream_confidence(self.running[b].stream_logits, drafts[b].tree.kmax)
-                for b in with_streams}
+        columns = self.model.draft_vocab_ids
+        conf = {b: _stream_confidence(self.running[b].stream_logits, drafts[b].tree.kmax,
+                                      columns) for b in with_streams}
         mx.eval(*conf.values())
         probs = [self._node_probs(self.running[b], drafts[b],
                                   np.array(conf[b]) if b in conf else None) for b in sized]
@@ -645,6 +801,10 @@ class BatchDecoder:
                                        d.streams if d.tree.size > d.streams else 0)
             if not seq.paused:
                 seq.pause.observe(len(path))
+        if with_streams and B > 1 and self.size_trees and not self.batch_paused:
+            cost = self.stream_cost(B) * self.pass_cost(B * L) / self.pass_cost(B)
+            self.stream_pause.observe(sum(len(p) for p in paths) / B / cost)
+        self.paused_passes += self.batch_paused
         cache.commit(paths)
         self.passes += 1
         self.rows += B * L
@@ -701,11 +861,16 @@ class BatchDecoder:
         self.running = [s for b, s in enumerate(self.running) if b not in set(rows)]
 
 
-def _stream_confidence(stream_logits: mx.array, kmax: int) -> mx.array:
-    """(rows, kmax) sorted top probabilities of each stream (float32 for the host)."""
-    sl = stream_logits.astype(mx.float32)
+def _stream_confidence(stream_logits: mx.array, kmax: int,
+                       columns: mx.array | None = None) -> mx.array:
+    """(rows, kmax) sorted top probabilities of each stream (float32 for the host).
+    columns: the draft vocabulary's ids (every other logit is -inf: no probability)."""
+    sl = stream_logits if columns is None else stream_logits[..., columns]
+    sl = sl.astype(mx.float32)
     p = mx.exp(sl - mx.logsumexp(sl, axis=-1, keepdims=True))
-    return -mx.sort(-p, axis=-1)[..., :kmax] if kmax < p.shape[-1] else -mx.sort(-p, axis=-1)
+    if kmax >= p.shape[-1]:
+        return -mx.sort(-p, axis=-1)
+    return -mx.sort(-mx.topk(p, kmax, axis=-1), axis=-1)  # a partial sort of the vocabulary
 
 # ------------------------------------------------------------------ text and stats
 

@@ -24,6 +24,8 @@ STEP = 256
 
 
 class TreeKVCache:
+    stream_slots = True  # write() takes the stream rows' keys/values (model.run_layer)
+
     def __init__(self, num_layers: int, max_size: int | None = None) -> None:
         self.num_layers = num_layers
         self.max_size = max_size

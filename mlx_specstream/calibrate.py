@@ -1,6 +1,6 @@
 """Size the draft tree by the measured cost of a forward pass on this machine.
 
-Two measurements, then a choice:
+Three measurements, then a choice:
 
 * the cost curve: seconds of one pass as a function of the number of tree nodes (each
   node carries its streams through the MSA layers), next to the plain 1-token pass;
@@ -8,6 +8,8 @@ Two measurements, then a choice:
   streams (teacher forcing, one pass per prompt); for every rank path (r1, ..., rd) the
   fraction of positions where stream 1's rank-r1 candidate, ..., stream d's rank-rd
   candidate are all the true tokens;
+* the batch curve: seconds of a batched pass of B sequences with and without their
+  stream rows (``batch_stream_costs``: when a batch runs the streams);
 * the tree: the expected tokens per pass of the best tree with n nodes is 1 + the sum
   of the n-1 largest path probabilities (tree.best_paths); the chosen n maximises
   expected tokens per second = that / cost(n)  (Sequoia's idea, static per model and
@@ -37,6 +39,7 @@ CALIBRATION_FILE = "calibration.json"
 # Up to 64 nodes: a batched pass carries every sequence's tree (8 sequences x 8 nodes),
 # and its cost is read off this curve (see ``apply_result``).
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+BATCH_SIZES = (1, 2, 4, 8)
 
 
 def measure_cost(
@@ -87,6 +90,68 @@ def measure_cost(
         else:
             out[str(n)] = best_of(n, True)
     return {"autoregressive": ar, "tree": out, "context": context}
+
+
+def measure_batch_cost(
+    model: SpecStreamModel,
+    batches: tuple[int, ...] = BATCH_SIZES,
+    context: int = 256,
+    repeat: int = 5,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Seconds (best of ``repeat``) of a batched pass of B sequences of one node each,
+    without stream rows and with them (the streams' logits of every sequence and their
+    sorted probabilities read, as the batch decoder reads them to size its trees)."""
+    from .batching import BatchKVCache, _stream_confidence
+
+    V, g = model.args.vocab_size, model.cfg.num_streams
+    rng = np.random.default_rng(1)
+    single = model.make_cache()
+    model(mx.array(rng.integers(0, V, context).astype(np.int32)), cache=single,
+          with_streams=False)
+    single.commit()
+    mx.eval(single.state_arrays())
+    out: dict[str, dict[str, float]] = {"plain": {}, "streams": {}}
+    for B in tqdm(batches, desc="batch cost", disable=not progress, unit="batch"):
+        cache = BatchKVCache(model.num_layers)
+        for _ in range(B):
+            cache.add(single)
+        mx.eval(cache.state_arrays())
+        mask = mx.ones((B, 1, 1), dtype=mx.bool_)
+
+        def one_pass(streams: bool, cache: BatchKVCache = cache, B: int = B,
+                     mask: mx.array = mask) -> float:
+            toks = mx.array(rng.integers(0, V, (B, 1)).astype(np.int32))
+            pos = mx.array(cache.lengths[:, None].astype(np.int32))
+            t = time.perf_counter()
+            h = model.lower(toks, pos, mask, cache)
+            x = model.upper_hidden(h, pos, mask, cache, with_streams=streams)
+            pred = mx.argmax(model.head(x[:, :1]), axis=-1)
+            if streams:
+                conf = _stream_confidence(model.draft_logits(x[:, 1 : 1 + g]), 3,
+                                          model.draft_vocab_ids)
+                mx.eval(pred, conf)
+                np.array(conf)
+            else:
+                mx.eval(pred)
+            np.array(pred)
+            dt = time.perf_counter() - t
+            cache.commit([[] for _ in range(B)])  # nothing kept
+            return dt
+
+        for streams in (False, True):
+            one_pass(streams)
+            best = min(one_pass(streams) for _ in range(repeat))
+            out["streams" if streams else "plain"][str(B)] = best
+    return out
+
+
+def batch_cost_curve(batch_cost: dict[str, dict[str, float]]) -> list[float]:
+    """Cost of a batched pass with stream rows over one without, for B = 1 .. the
+    largest measured batch (linear between the measured sizes)."""
+    sizes = sorted(int(b) for b in batch_cost["plain"])
+    ratios = [batch_cost["streams"][str(b)] / batch_cost["plain"][str(b)] for b in sizes]
+    return [round(float(np.interp(b, sizes, ratios)), 3) for b in range(1, sizes[-1] + 1)]
 
 
 def acceptance_stats(
@@ -218,9 +283,11 @@ def calibrate_folder(
     convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
     cost = measure_cost(model, progress=progress)
+    batch_cost = measure_batch_cost(model, progress=progress)
     accept = acceptance_stats(model, ids, max_tokens, progress=progress)
     choice = choose_tree(cost, accept)
-    result = {"machine": machine_id(), "cost": cost, "acceptance": accept, "choice": choice}
+    result = {"machine": machine_id(), "cost": cost, "batch_cost": batch_cost,
+              "acceptance": accept, "choice": choice}
     if write:
         _write_json(folder / CALIBRATION_FILE, result)
         config_path = folder / "config.json"
@@ -236,11 +303,14 @@ def apply_result(section: dict, result: dict) -> None:
     (for the adaptive pause) and ``tree_costs``: the cost of a pass of n nodes over a
     plain pass for every n up to the largest measured (linear between measured sizes),
     read by dynamic chains and by the batch's tree size (``batching.batch_tree_size``:
-    a pass of B sequences with L nodes each costs what a pass of B * L nodes costs)."""
+    a pass of B sequences with L nodes each costs what a pass of B * L nodes costs) and,
+    when measured, ``batch_stream_costs`` (the batch's decision to run the streams)."""
     cost, choice = result["cost"], result["choice"]
     section["tree_paths"] = choice["tree_paths"]
     section["draft_cost_ratio"] = round(choice["best"]["seconds"] / cost["autoregressive"], 3)
     section["tree_costs"] = cost_curve(cost)
+    if "batch_cost" in result:
+        section["batch_stream_costs"] = batch_cost_curve(result["batch_cost"])
 
 
 def cost_curve(cost: dict) -> list[float]:
@@ -294,6 +364,9 @@ def run(args: argparse.Namespace) -> int:
               f"{row['seconds'] / ar:>9.2f} | "
               f"{row['tokens_per_pass']:>11.2f} | {row['speedup']:>13.2f}")
     best = r["choice"]["best"]
+    bc = r["batch_cost"]
+    print("batched pass with streams / without, by sequences: " + ", ".join(
+        f"{b}: {bc['streams'][b] / bc['plain'][b]:.2f}" for b in sorted(bc["plain"], key=int)))
     print(f"chosen: {best['nodes']} nodes, paths {r['choice']['tree_paths']}")
     if not args.dry_run:
         where = Path(args.streams_path or folder)

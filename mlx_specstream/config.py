@@ -44,6 +44,11 @@ class SpecStreamConfig:
         frequency ranking (``draft_vocab.safetensors``, written by ``mlx-specstream
         vocab``): their LM head computes K rows instead of the whole vocabulary (FR-Spec).
         Verification keeps the whole head, so the output is unchanged.  0: the whole head.
+    batch_stream_costs: entry B-1 is the cost of a batched pass of B sequences carrying
+        their stream rows (one node each) over the same pass without them, on this
+        machine (calibrate writes it for B = 1..8; larger batches use the last entry).  A
+        batch stops running the streams while the tokens they add do not pay for them.
+        None: every batch size costs ``draft_cost_ratio``.
     """
 
     num_streams: int = 3
@@ -61,6 +66,7 @@ class SpecStreamConfig:
     lookup_branches: int = 0
     lookup_skip_streams: int = 0
     draft_vocab_size: int = 0
+    batch_stream_costs: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +103,11 @@ class SpecStreamConfig:
             self.tree_costs = [float(c) for c in self.tree_costs]
             if any(c <= 0 for c in self.tree_costs):
                 raise ValueError(f"tree_costs must be positive, got {self.tree_costs}")
+        if self.batch_stream_costs is not None:
+            self.batch_stream_costs = [float(c) for c in self.batch_stream_costs]
+            if not self.batch_stream_costs or any(c <= 0 for c in self.batch_stream_costs):
+                raise ValueError("batch_stream_costs must be a non-empty list of positive "
+                                 f"costs, got {self.batch_stream_costs}")
         if isinstance(self.lookup_branches, bool) or int(self.lookup_branches) < 0:
             raise ValueError(f"lookup_branches must be an int >= 0, got {self.lookup_branches}")
         self.lookup_branches = int(self.lookup_branches)

@@ -42,6 +42,11 @@ class KVWriter(Protocol):
         ...
 
 
+# A cache whose class sets ``stream_slots = True`` also takes the stream rows' keys/values
+# in ``write(layer, keys, values, stream_keys, stream_values)`` and returns them after the
+# main ones (``TreeKVCache``, ``batching.BatchKVCache``); others get them concatenated.
+
+
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -385,6 +390,12 @@ class SpecStreamModel(nn.Module):
         logits = dh.subset_logits(_norm(self.base.model.norm, stream_hidden))
         return logits, mx.maximum(pos, 0), pos >= 0
 
+    @property
+    def draft_vocab_ids(self) -> mx.array | None:
+        """The draft vocabulary's token ids (the only finite columns of ``draft_logits``),
+        or None without one."""
+        return None if self._draft_head is None else self._draft_head.ids
+
     def draft_logits(self, stream_hidden: mx.array) -> mx.array:
         """Stream logits for drafting.  With a draft vocabulary only its rows of the LM head
         are computed and every other token gets -inf: drafts hold its ids only, and proposal
@@ -446,7 +457,7 @@ class SpecStreamModel(nn.Module):
         q = _rope(attn.rope, q, positions).transpose(0, 2, 1, 3)
         k = _rope(attn.rope, k, positions).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        if isinstance(cache, TreeKVCache) and L > n_main:
+        if L > n_main and getattr(cache, "stream_slots", False):
             # stream keys/values into the buffer's spare slots: no copy of the cache
             k, v = cache.write(index, k[:, :, :n_main], v[:, :, :n_main],
                                k[:, :, n_main:], v[:, :, n_main:])

@@ -102,6 +102,30 @@ def test_batched_drafters_equal_alone(mode) -> None:
         assert out[uid] == ref
 
 
+@pytest.mark.parametrize("kw", [{}, {"speculative": False}, {"lookup_branches": 4}])
+def test_prompts_that_arrive_together_are_prefilled_in_one_pass(kw) -> None:
+    """Whole prompts of similar lengths share one left-padded prefill pass (their first
+    tokens come out of the same step) and decode as each alone; a first token that ends
+    its sequence, and prompts too different in length, are handled on the way."""
+    model = tiny_model(lora_rank=4, random_lora=True)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 64, n).tolist() for n in (20, 23, 18, 25, 4)]
+    ref_kw = {"tree": product_tree([]), "lookup_branches": 0} if kw else {}
+    refs = [alone(model, p, 15, **(ref_kw if "speculative" in kw else kw)) for p in prompts]
+    firsts = [r[0] for r in refs[:4]]
+    eos = next(t for t in firsts if firsts.count(t) == 1)  # one prompt ends at once
+    decoder = BatchDecoder(model, eos_token_ids=[eos])
+    ids = [decoder.add(p, 15, **kw) for p in prompts]
+    first = decoder.step()
+    assert sorted(ev.uid for ev in first) == ids[:4]  # the short one waits
+    assert decoder.passes == 0 and len(decoder.running) == 3
+    out = run(decoder)
+    for ev in first:
+        out.setdefault(ev.uid, [])[:0] = ev.tokens
+    for uid, ref in zip(ids, refs, strict=True):
+        assert out[uid] == (ref[: ref.index(eos)] if eos in ref else ref), uid
+
+
 def test_sequences_join_mid_way_with_chunked_prefill() -> None:
     """Joins while others decode (one prefill chunk per step, prompts longer than a
     chunk), sequences ending at different steps, an end-of-sequence token."""
@@ -293,6 +317,39 @@ def test_batch_sizes_stream_trees_and_context_branches_by_cost() -> None:
     steep, free = runs["steep"], runs["free"]
     assert free.passes < steep.passes and free.rows > steep.rows
     assert steep.rows <= len(PROMPTS) * steep.passes
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_the_batch_stops_running_the_streams_while_they_do_not_pay(sampled) -> None:
+    """Stream rows that cost ten plain passes for a batch: after the first passes the
+    batch runs without them (probing now and then); free ones are never paused.  Output
+    is unchanged either way (greedy: each prompt alone; sampled: the same seeds give the
+    same tokens, run twice)."""
+    model = repeating_model()
+    runs = {}
+    for name, costs in (("dear", [1.0] + [10.0] * 7), ("free", [1.0] * 8)):
+        model.cfg.batch_stream_costs = costs
+        try:
+            outs = []
+            for _ in range(2 if sampled else 1):
+                decoder = BatchDecoder(model)
+                params = SamplingParams(temp=1.0, seed=3) if sampled else None
+                ids = [decoder.add(p, n, params, tree=product_tree([2, 1]), lookup_branches=0)
+                       for p, n in zip(PROMPTS, MAXES, strict=True)]
+                out = run(decoder)
+                outs.append([out[u] for u in ids])
+            assert decoder.stream_cost(3) == costs[2] and decoder.stream_cost(50) == costs[-1]
+        finally:
+            model.cfg.batch_stream_costs = None
+        if sampled:
+            assert outs[0] == outs[1]
+        else:
+            for got, p, n in zip(outs[0], PROMPTS, MAXES, strict=True):
+                assert got == alone(model, p, n, product_tree([2, 1]), lookup_branches=0)
+        runs[name] = decoder
+    dear, free = runs["dear"], runs["free"]
+    assert free.paused_passes == 0
+    assert dear.paused_passes > dear.passes // 2
 
 
 def test_cost_curve_covers_every_row_count_up_to_the_largest_measured() -> None:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from mlx_specstream.calibrate import acceptance_stats, choose_tree, measure_cost
+from mlx_specstream.calibrate import (
+    acceptance_stats,
+    apply_result,
+    batch_cost_curve,
+    choose_tree,
+    measure_batch_cost,
+    measure_cost,
+)
 from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.decode import DecodeStats, speculative_steps
 from mlx_specstream.model import SpecStreamModel
@@ -102,7 +109,31 @@ def test_calibrate_cli_takes_domain_prompts(api_model_dir, tmp_path, capsys) -> 
     f.write_text(json.dumps({"messages": conv}) + "\n")
     assert main(["calibrate", "--model", str(api_model_dir), "--prompts", str(f),
                  "--max-tokens", "4", "--dry-run"]) == 0
-    assert "chosen:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chosen:" in out and "batched pass with streams / without" in out
     (tmp_path / "empty.txt").write_text("\n")
     assert main(["calibrate", "--model", str(api_model_dir), "--prompts",
                  str(tmp_path / "empty.txt"), "--dry-run"]) == 1
+
+
+def test_batch_cost_is_measured_per_batch_size_and_stored_as_a_curve() -> None:
+    base = tiny_base("llama", seed=3, spread=0.02)
+    model = SpecStreamModel(base, SpecStreamConfig(num_streams=3, stream_layers=2))
+    bc = measure_batch_cost(model, batches=(1, 3), context=16, repeat=1, progress=False)
+    assert set(bc["plain"]) == set(bc["streams"]) == {"1", "3"}
+    assert all(v > 0 for d in bc.values() for v in d.values())
+    curve = batch_cost_curve({"plain": {"1": 1.0, "2": 2.0, "4": 2.0},
+                              "streams": {"1": 1.5, "2": 4.0, "4": 6.0}})
+    assert curve == [1.5, 2.0, 2.5, 3.0]
+    section: dict = {}
+    apply_result(section, {"cost": {"autoregressive": 1.0, "tree": {"1": 1.2}},
+                           "choice": {"tree_paths": [[0]], "best": {"seconds": 1.2}},
+                           "batch_cost": {"plain": {"1": 1.0, "2": 1.0},
+                                          "streams": {"1": 1.1, "2": 1.8}}})
+    assert section["batch_stream_costs"] == [1.1, 1.8]
+    cfg = SpecStreamConfig(**section)
+    assert cfg.batch_stream_costs == [1.1, 1.8]
+    import pytest
+
+    with pytest.raises(ValueError, match="batch_stream_costs"):
+        SpecStreamConfig(batch_stream_costs=[1.0, -2.0])
