@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure_server(name, args.model, args.clients, args)
         except RuntimeError as e:
             print(f"  {name} failed: {e}", file=sys.stderr)
-    meta = {"model": args.model, "max_tokens": args.max_tokens, "prompts": args.prompts,
+    meta = {"model": Path(args.model).name, "max_tokens": args.max_tokens, "prompts": args.prompts,
             "clients": args.clients, "machine": f"{os.cpu_count()} CPU cores"}
     table = markdown(rows, meta)
     print()
