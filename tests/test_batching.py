@@ -119,9 +119,14 @@ def test_prompts_that_arrive_together_are_prefilled_in_one_pass(kw) -> None:
     first = decoder.step()
     assert sorted(ev.uid for ev in first) == ids[:4]  # the short one waits
     assert decoder.passes == 0 and len(decoder.running) == 3
-    out = run(decoder)
-    for ev in first:
-        out.setdefault(ev.uid, [])[:0] = ev.tokens
+    out: dict[int, list[int]] = {}
+    for ev in first + decoder.step() + decoder.step():  # the short one joins; they decode
+        out.setdefault(ev.uid, []).extend(ev.tokens)
+    later = [rng.integers(0, 64, n).tolist() for n in (21, 19)]  # a group joins them
+    ids += [decoder.add(p, 12, **kw) for p in later]
+    refs += [alone(model, p, 12, **(ref_kw if "speculative" in kw else kw)) for p in later]
+    for uid, toks in run(decoder).items():
+        out.setdefault(uid, []).extend(toks)
     for uid, ref in zip(ids, refs, strict=True):
         assert out[uid] == (ref[: ref.index(eos)] if eos in ref else ref), uid
 
