@@ -215,26 +215,8 @@ class BatchKVCache:
         """Append the committed keys/values of a single-sequence cache as a new
         sequence, right-aligned to the write pointer; returns its batch row."""
         P = cache.offset
-        shift = max(0, P - self.ptr)
-        ptr = self.ptr + shift
-        cap = max(-(-ptr // STEP) * STEP, STEP)
-        for bufs, theirs in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer in range(self.num_layers):
-                new = theirs[layer][..., :P, :]
-                new = mx.pad(new, [(0, 0), (0, 0), (ptr - P, cap - ptr), (0, 0)])
-                old = bufs[layer]
-                if old is not None and self.size:
-                    old = mx.pad(old[..., : self.ptr, :],
-                                 [(0, 0), (0, 0), (shift, cap - ptr), (0, 0)])
-                    new = mx.concatenate([old, new], axis=0)
-                bufs[layer] = new
-        valid = np.zeros((self.size + 1, ptr), dtype=bool)
-        valid[: self.size, shift:] = self.valid[:, : self.ptr]
-        valid[self.size, ptr - P :] = True
-        self.valid, self.ptr = valid, ptr
-        self.lengths = np.append(self.lengths, P)
-        self._cached_mask = None
-        return self.size - 1
+        return self._append(cache.keys, cache.values, np.ones((1, P), dtype=bool),
+                            np.array([P]))[0]
 
     @classmethod
     def empty(cls, num_layers: int, size: int) -> BatchKVCache:
@@ -248,11 +230,19 @@ class BatchKVCache:
         """Append every sequence of ``other`` (its committed slots, right-aligned to the
         write pointer as ``add`` does); returns their batch rows."""
         other.compact()
-        W = other.ptr
+        return self._append(other.keys, other.values, other.valid[:, : other.ptr],
+                            other.lengths)
+
+    def _append(self, keys: list, values: list, valid: np.ndarray, lengths: np.ndarray
+                ) -> list[int]:
+        """Append sequences whose slots are the first W = valid.shape[1] of ``keys`` /
+        ``values`` (per layer, (n, H, >= W, D)), right-aligned to the write pointer (which
+        moves right when W is past it)."""
+        W = valid.shape[1]
         shift = max(0, W - self.ptr)
         ptr = self.ptr + shift
         cap = max(-(-ptr // STEP) * STEP, STEP)
-        for bufs, theirs in ((self.keys, other.keys), (self.values, other.values)):
+        for bufs, theirs in ((self.keys, keys), (self.values, values)):
             for layer in range(self.num_layers):
                 new = mx.pad(theirs[layer][..., :W, :],
                              [(0, 0), (0, 0), (ptr - W, cap - ptr), (0, 0)])
@@ -262,14 +252,14 @@ class BatchKVCache:
                                  [(0, 0), (0, 0), (shift, cap - ptr), (0, 0)])
                     new = mx.concatenate([old, new], axis=0)
                 bufs[layer] = new
-        valid = np.zeros((self.size + other.size, ptr), dtype=bool)
-        valid[: self.size, shift:] = self.valid[:, : self.ptr]
-        valid[self.size :, ptr - W :] = other.valid[:, :W]
-        first = self.size
-        self.valid, self.ptr = valid, ptr
-        self.lengths = np.concatenate([self.lengths, other.lengths])
+        first, n = self.size, valid.shape[0]
+        merged = np.zeros((first + n, ptr), dtype=bool)
+        merged[:first, shift:] = self.valid[:, : self.ptr]
+        merged[first:, ptr - W :] = valid
+        self.valid, self.ptr = merged, ptr
+        self.lengths = np.concatenate([self.lengths, np.asarray(lengths, dtype=np.int64)])
         self._cached_mask = None
-        return list(range(first, self.size))
+        return list(range(first, first + n))
 
     def remove(self, rows: Sequence[int]) -> None:
         """Drop the given sequences (batch rows)."""
@@ -613,34 +603,35 @@ class BatchDecoder:
         drafting = model.draft_logits(x[:, P:]) if streams else None
         cache.commit([list(range(P - n, P)) for n in lens])
         mx.eval(cache.state_arrays(), main, *([drafting] if streams else []))
-        events: list[BatchEvent] = []
-        joined: list[SequenceState] = []
-        for b, seq in enumerate(group):
-            first = seq.acceptor.first(main[b], seq.context)
-            seq.context.append(first)
-            if seq.drafter.uses_streams:
-                seq.stream_logits = drafting[b, : seq.drafter.rows]
-                seq.drafter.observe(seq.stream_logits, seq.context)
-            seq.prompt_time = time.perf_counter() - seq.started
-            seq.produced = 1
-            ev = BatchEvent(seq.uid, [first], state=seq)
-            if first in self.eos:
-                ev.tokens, ev.finish = [], "stop"
-            elif seq.max_tokens <= 1:
-                ev.finish = "length"
-            seq.finish = ev.finish
-            if ev.finish is None:
-                joined.append(seq)
-            events.append(ev)
-        for seq in group:
-            self.waiting.remove(seq)
+        events = [self._first_token(seq, main[b], drafting[b] if streams else None)
+                  for b, seq in enumerate(group)]
         keep = [b for b, seq in enumerate(group) if seq.finish is None]
         if keep:
             if len(keep) < k:
                 cache.remove([b for b in range(k) if b not in keep])
             self.cache.merge(cache)
-            self.running.extend(joined)
+            self.running.extend(group[b] for b in keep)
         return events
+
+    def _first_token(self, seq: SequenceState, main: mx.array,
+                     drafting: mx.array | None) -> BatchEvent:
+        """After ``seq``'s prefill: its first token (main: the last prompt row's logits),
+        its streams observed (drafting: their logits), its event; it leaves the queue."""
+        first = seq.acceptor.first(main, seq.context)
+        seq.context.append(first)
+        if seq.drafter.uses_streams:
+            seq.stream_logits = drafting[: seq.drafter.rows]
+            seq.drafter.observe(seq.stream_logits, seq.context)
+        self.waiting.remove(seq)
+        seq.prompt_time = time.perf_counter() - seq.started
+        seq.produced = 1
+        ev = BatchEvent(seq.uid, [first], state=seq)
+        if first in self.eos:
+            ev.tokens, ev.finish = [], "stop"
+        elif seq.max_tokens <= 1:
+            ev.finish = "length"
+        seq.finish = ev.finish
+        return ev
 
     def _prefill_chunk(self, seq: SequenceState) -> BatchEvent | None:
         """One chunk of ``seq``'s prompt; after the last, its first token and its join."""
@@ -654,28 +645,14 @@ class BatchDecoder:
             fill(model, seq.prompt[seq.prefilled : end], seq.prefill_cache, chunk)
             seq.prefilled = end
             return None
-        drafter = seq.drafter
-        logits = prefill(model, seq.prompt[start:], seq.prefill_cache, drafter.uses_streams,
-                         chunk)
-        first = seq.acceptor.first(logits[0], seq.context)
-        seq.context.append(first)
-        if drafter.uses_streams:
-            seq.stream_logits = logits[1 : 1 + drafter.rows]
-            drafter.observe(seq.stream_logits, seq.context)
-        self.waiting.remove(seq)
-        seq.prompt_time = time.perf_counter() - seq.started
-        seq.produced = 1
-        ev = BatchEvent(seq.uid, [first], state=seq)
-        if first in self.eos:
-            ev.tokens, ev.finish = [], "stop"
-        elif seq.max_tokens <= 1:
-            ev.finish = "length"
+        streams = seq.drafter.uses_streams
+        logits = prefill(model, seq.prompt[start:], seq.prefill_cache, streams, chunk)
+        ev = self._first_token(seq, logits[0], logits[1:] if streams else None)
         if ev.finish is None:
             mx.eval(seq.prefill_cache.state_arrays())
             self.cache.add(seq.prefill_cache)
             self.running.append(seq)
         seq.prefill_cache = None
-        seq.finish = ev.finish
         return ev
 
     def _drafts(self) -> list[Draft | None]:

@@ -42,6 +42,16 @@ DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 BATCH_SIZES = (1, 2, 4, 8)
 
 
+def _filled_cache(model: SpecStreamModel, context: int, rng: np.random.Generator):
+    """A single-sequence cache holding ``context`` random tokens."""
+    cache = model.make_cache()
+    tokens = rng.integers(0, model.args.vocab_size, context).astype(np.int32)
+    model(mx.array(tokens), cache=cache, with_streams=False)
+    cache.commit()
+    mx.eval(cache.state_arrays())
+    return cache
+
+
 def measure_cost(
     model: SpecStreamModel,
     sizes: tuple[int, ...] = DEFAULT_SIZES,
@@ -52,11 +62,7 @@ def measure_cost(
     """Seconds (best of ``repeat``) of a speculative pass with n tree nodes, and of a plain pass."""
     V = model.args.vocab_size
     rng = np.random.default_rng(0)
-    cache = model.make_cache()
-    model(mx.array(rng.integers(0, V, context).astype(np.int32)), cache=cache,
-          with_streams=False)
-    cache.commit()
-    mx.eval(cache.state_arrays())
+    cache = _filled_cache(model, context, rng)
 
     def one_pass(n: int, streams: bool) -> float:
         toks = mx.array(rng.integers(0, V, (1, n)).astype(np.int32))
@@ -106,11 +112,7 @@ def measure_batch_cost(
 
     V, g = model.args.vocab_size, model.cfg.num_streams
     rng = np.random.default_rng(1)
-    single = model.make_cache()
-    model(mx.array(rng.integers(0, V, context).astype(np.int32)), cache=single,
-          with_streams=False)
-    single.commit()
-    mx.eval(single.state_arrays())
+    single = _filled_cache(model, context, rng)
     out: dict[str, dict[str, float]] = {"plain": {}, "streams": {}}
     for B in tqdm(batches, desc="batch cost", disable=not progress, unit="batch"):
         cache = BatchKVCache(model.num_layers)
