@@ -475,3 +475,29 @@ def test_stream_attention_equals_the_masked_attention_and_its_gradient():
     gf = mx.grad(lambda *a: (factored(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(gd, gf, strict=True):
         assert mx.allclose(a, b, atol=1e-4).item()
+
+
+def test_more_msa_layers_start_from_the_trained_streams() -> None:
+    """Adding MSA layers below trained ones keeps every trained stream parameter (each
+    layer's stream LoRA on the same layer of the model); the added layers start with a
+    zero LoRA delta.  Another change (the rank) starts fresh streams."""
+    model = tiny_model("llama", lora_rank=4, random_lora=True)  # 2 MSA layers of 4
+    deeper = SpecStreamConfig(num_streams=3, stream_layers=3, stream_lora_rank=4)
+    new = prepare_model(model, deeper)
+    assert new.split == model.split - 1 and len(new.streams.stream_lora) == 3
+    old_p, new_p = model.streams.parameters(), new.streams.parameters()
+    assert mx.array_equal(new_p["stream_embeddings"], old_p["stream_embeddings"])
+    for k in ("a", "b"):
+        assert mx.array_equal(new_p["exit_adapter"][k], old_p["exit_adapter"][k])
+    for i in range(2):
+        for name, lora in model.streams.stream_lora[i].items():
+            assert mx.array_equal(new.streams.stream_lora[i + 1][name].b, lora.b)
+            assert mx.array_equal(new.streams.stream_lora[i + 1][name].a, lora.a)
+    assert all(not mx.any(lora.b).item() for lora in new.streams.stream_lora[0].values())
+    other = prepare_model(model, SpecStreamConfig(num_streams=3, stream_layers=3,
+                                                  stream_lora_rank=8))
+    assert not mx.array_equal(other.streams.stream_embeddings,
+                              model.streams.stream_embeddings)
+    # the main stream is untouched: the base model's logits
+    probe = mx.array([[1, 2, 3, 4]])
+    assert mx.array_equal(new(probe, with_streams=False)[0], model(probe, with_streams=False)[0])

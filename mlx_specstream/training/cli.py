@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-streams", type=int, default=None,
                    help="streams per token, i.e. draft depth (default: the folder's)")
     g.add_argument("--stream-layers", type=int, default=None,
-                   help="top layers that carry the streams (default: the folder's)")
+                   help="top layers that carry the streams (default: the folder's; more "
+                        "than the folder's keeps its trained streams, the added layers "
+                        "starting from a zero LoRA delta)")
     g.add_argument(
         "--draft-method",
         choices=["streams", "medusa"],

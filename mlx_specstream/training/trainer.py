@@ -279,8 +279,30 @@ def prepare_model(
     new = SpecStreamModel(model.base, spec)
     if model._draft_head is not None and spec.draft_vocab_size:  # the folder's draft vocabulary
         new.set_draft_vocab(model._draft_head.ids)
+    if not reinit and _deeper_only(model.cfg, spec):
+        _carry_streams(model, new)
     mx.eval(new.streams.parameters())
     return new
+
+
+def _deeper_only(old: SpecStreamConfig, new: SpecStreamConfig) -> bool:
+    """``new`` adds MSA layers below ``old``'s and changes nothing else the streams hold."""
+    return (new.stream_layers > old.stream_layers and new.draft_method == old.draft_method
+            and new.num_streams == old.num_streams and new.adapter_rank == old.adapter_rank
+            and new.stream_lora_rank == old.stream_lora_rank
+            and new.stream_lora_scale == old.stream_lora_scale)
+
+
+def _carry_streams(old: SpecStreamModel, new: SpecStreamModel) -> None:
+    """Start ``new`` (more MSA layers) from ``old``'s trained streams: the stream
+    embeddings, the pruning adapter and each layer's stream LoRA move to the same layer
+    of the model; the added layers keep their fresh LoRA (a zero delta)."""
+    src, dst = old.streams, new.streams
+    dst.update({k: v for k, v in src.parameters().items() if k != "stream_lora"})
+    shift = len(dst.stream_lora) - len(src.stream_lora)
+    for i, adapters in enumerate(src.stream_lora):
+        for name, lora in adapters.items():
+            dst.stream_lora[i + shift][name].update(lora.parameters())
 
 
 def set_trainable(
