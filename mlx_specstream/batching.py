@@ -62,6 +62,7 @@ from .decode import (
     GreedyAcceptor,
     Pause,
     check_context,
+    corpus_of,
     default_tree,
     fill,
     prefill,
@@ -417,7 +418,7 @@ class PlainSampledAcceptor(GreedyAcceptor):
 def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bool = True,
                  tree: Tree | None = None, dynamic: bool | None = None,
                  lookup_branches: int | None = None, rng: np.random.Generator | None = None,
-                 lookup_skip_streams: int | None = None
+                 lookup_skip_streams: int | None = None, lookup_corpus: bool | None = None
                  ) -> tuple[StreamDrafter | ContextDrafter, GreedyAcceptor]:
     """The drafter and acceptor ``generate.stream_generate`` would use for one request
     (greedy: streams, dynamic chains, context branch; sampled: the streams' exact
@@ -450,7 +451,7 @@ def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bo
         tree, chains=chains, pass_cost=monotone_costs(cfg.tree_costs))
     if speculative and lookup:
         drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM,
-                                 skip_at=skip)
+                                 skip_at=skip, corpus=corpus_of(model, lookup_corpus))
     return drafter, GreedyAcceptor()
 
 
@@ -496,8 +497,8 @@ class BatchDecoder:
     def add(self, prompt: Sequence[int] | mx.array, max_tokens: int = 256,
             params: SamplingParams | None = None, *, speculative: bool = True,
             tree: Tree | None = None, dynamic_tree: bool | None = None,
-            lookup_branches: int | None = None, lookup_skip_streams: int | None = None
-            ) -> int:
+            lookup_branches: int | None = None, lookup_skip_streams: int | None = None,
+            lookup_corpus: bool | None = None) -> int:
         """Queue a prompt (token ids); returns the sequence's id.  Raises ValueError for
         an empty prompt or one that does not fit in the context."""
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -508,7 +509,8 @@ class BatchDecoder:
         limit = check_context(self.model, ids.shape[0], max_tokens)
         drafter, acceptor = make_drafter(self.model, params, speculative, tree, dynamic_tree,
                                          lookup_branches,
-                                         lookup_skip_streams=lookup_skip_streams)
+                                         lookup_skip_streams=lookup_skip_streams,
+                                         lookup_corpus=lookup_corpus)
         uses = drafter.uses_streams
         seq = SequenceState(
             uid=self._next_uid, prompt=ids, max_tokens=max_tokens, limit=limit,
@@ -1033,8 +1035,8 @@ SAMPLING_OPTIONS = ("temp", "top_p", "top_k", "min_p", "repetition_penalty",
 def add_with_options(decoder: BatchDecoder, prompt: Sequence[int] | mx.array, max_tokens: int,
                      **options) -> int:
     """``decoder.add`` with ``stream_generate``'s keyword options (speculative,
-    tree_topk, dynamic_tree, lookup_branches, lookup_skip_streams and the sampling
-    options).  The early-exit ``prune_threshold`` is not used in a batch; the lookup
+    tree_topk, dynamic_tree, lookup_branches, lookup_skip_streams, lookup_corpus and the
+    sampling options).  The early-exit ``prune_threshold`` is not used in a batch; the lookup
     drafter is refused."""
     if options.pop("drafter", "streams") != "streams":
         raise ValueError("a batch drafts with the streams: the lookup drafter is not batched")
@@ -1047,8 +1049,10 @@ def add_with_options(decoder: BatchDecoder, prompt: Sequence[int] | mx.array, ma
     dynamic = options.pop("dynamic_tree", None)
     lookup = options.pop("lookup_branches", None)
     skip = options.pop("lookup_skip_streams", None)
+    corpus = options.pop("lookup_corpus", None)
     if options:
         raise TypeError(f"unknown options {sorted(options)}")
     return decoder.add(prompt, max_tokens, params, speculative=speculative, tree=tree,
                        dynamic_tree=dynamic if params.plain_greedy else None,
-                       lookup_branches=lookup, lookup_skip_streams=skip)
+                       lookup_branches=lookup, lookup_skip_streams=skip,
+                       lookup_corpus=corpus)

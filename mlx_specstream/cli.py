@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fuse": ("mlx_specstream.training.fuse", "merge task-mode LoRA into the weights"),
     "calibrate": ("mlx_specstream.calibrate", "size the draft tree for this machine"),
     "vocab": ("mlx_specstream.vocab", "let the streams draft from the most frequent tokens"),
+    "corpus": ("mlx_specstream.corpus", "draft from the model's past answers"),
     "doctor": ("mlx_specstream.doctor", "check the BLAS, GEMM shim and matmul speed"),
     "check": ("mlx_specstream.check_cli", "check greedy output against mlx-lm's, token by token"),
 }
@@ -63,6 +64,11 @@ DESCRIPTIONS: dict[str, str] = {
     "streams draft from the --size most frequent ones: their LM head then computes those rows "
     "only.  Verification keeps the whole head, so the output does not change.  --size 0 "
     "drafts from the whole vocabulary again.",
+    "corpus": "Tokenize texts the model wrote (distill's train.jsonl) into the folder's "
+    "draft corpus.  When the context holds no earlier match of its own suffix, the context "
+    "branch (lookup_branches) then drafts the continuation that most often followed the "
+    "context's longest suffix in the corpus.  Drafts are verified, so the output does not "
+    "change.",
     "doctor": "Show the BLAS, the matmul backend and the matmul speed of this machine.",
     "check": "Generate greedily, then feed the output through mlx-lm's own decoding loop "
     "on the same model and list every token that is not mlx-lm's greedy choice, with its "

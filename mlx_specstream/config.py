@@ -40,6 +40,9 @@ class SpecStreamConfig:
     lookup_skip_streams: a pass whose context branch has at least this many tokens runs
         without the stream rows (the text is being copied: the context is likely to draft
         the next pass too, which then drafts from it alone); 0: the streams always run.
+    lookup_corpus: when the context holds no earlier match, the context branch drafts
+        from the folder's corpus of the model's past answers (``draft_corpus.safetensors``,
+        written by ``mlx-specstream corpus``) if it has one.
     draft_vocab_size: the streams draft from the first K token ids of the folder's
         frequency ranking (``draft_vocab.safetensors``, written by ``mlx-specstream
         vocab``): their LM head computes K rows instead of the whole vocabulary (FR-Spec).
@@ -65,6 +68,7 @@ class SpecStreamConfig:
     dynamic_tree: bool = False
     lookup_branches: int = 0
     lookup_skip_streams: int = 0
+    lookup_corpus: bool = True
     draft_vocab_size: int = 0
     batch_stream_costs: list[float] | None = None
 
@@ -115,6 +119,8 @@ class SpecStreamConfig:
             raise ValueError(
                 f"lookup_skip_streams must be an int >= 0, got {self.lookup_skip_streams}")
         self.lookup_skip_streams = int(self.lookup_skip_streams)
+        if not isinstance(self.lookup_corpus, bool):
+            raise ValueError(f"lookup_corpus must be true or false, got {self.lookup_corpus!r}")
         if isinstance(self.draft_vocab_size, bool) or int(self.draft_vocab_size) < 0:
             raise ValueError(f"draft_vocab_size must be an int >= 0, got {self.draft_vocab_size}")
         self.draft_vocab_size = int(self.draft_vocab_size)

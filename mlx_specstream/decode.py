@@ -433,6 +433,13 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
                 mx.clear_cache()
 
 
+def corpus_of(model: SpecStreamModel, lookup_corpus: bool | None = None):
+    """The corpus a context branch drafts from: the model's, unless ``lookup_corpus`` (or,
+    when None, ``cfg.lookup_corpus``) is off."""
+    use = model.cfg.lookup_corpus if lookup_corpus is None else bool(lookup_corpus)
+    return getattr(model, "draft_corpus", None) if use else None
+
+
 def speculative_steps(
     model: SpecStreamModel,
     prompt: mx.array,
@@ -443,6 +450,7 @@ def speculative_steps(
     dynamic: bool | None = None,
     lookup_branches: int | None = None,
     lookup_skip_streams: int | None = None,
+    lookup_corpus: bool | None = None,
 ) -> Iterator[int]:
     """Greedy Speculative Streaming.  Yields tokens, identical to greedy decoding.
 
@@ -451,7 +459,9 @@ def speculative_steps(
     (``drafting.ContextDrafter``; 0: none; default ``cfg.lookup_branches``).  A
     one-node tree with a branch is prompt lookup.  lookup_skip_streams: a pass whose
     branch has at least this many tokens runs without the streams (0: never; default
-    ``cfg.lookup_skip_streams``)."""
+    ``cfg.lookup_skip_streams``).  lookup_corpus: where the context has no match, the
+    branch drafts from the folder's corpus (``corpus.DraftCorpus``; default
+    ``cfg.lookup_corpus``)."""
     cfg = model.cfg
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
     lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
@@ -475,7 +485,7 @@ def speculative_steps(
         if skip < 0:
             raise ValueError(f"lookup_skip_streams must be >= 0, got {skip}")
         drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM,
-                                 skip_at=int(skip))
+                                 skip_at=int(skip), corpus=corpus_of(model, lookup_corpus))
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
     yield from speculative_loop(model, prompt, max_tokens, stats, drafter, GreedyAcceptor(),
                                 threshold)

@@ -9,7 +9,8 @@ two processes racing on first use are safe: the loser keeps the winner's folder.
 
 Trained streams shipped in the package (``mlx_specstream/default_streams/config.json`` with a
 ``speculative_streaming`` section, and ``specstream.safetensors``; ``draft_vocab.safetensors``
-too where the streams draft from a draft vocabulary) are copied over the cached folder's
+too where the streams draft from a draft vocabulary, and ``draft_corpus.safetensors`` where
+the context branch drafts from the model's past answers) are copied over the cached folder's
 stream parameters and config section; a digest of the shipped files is kept in the
 cache folder, so shipping new streams refreshes just those files.
 """
@@ -23,11 +24,14 @@ import sys
 from pathlib import Path
 
 from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
+from .corpus import CORPUS_FILE
 from .files import atomic_write, cache_root  # noqa: F401  (cache_root: part of this API)
+from .vocab import VOCAB_FILE
 
 SHIPPED_STREAMS = Path(__file__).resolve().parent / "default_streams"
 STREAMS_MARKER = ".default_streams.sha256"
 _REQUIRED = ("config.json", "tokenizer.json", STREAMS_FILE)
+_OPTIONAL = (VOCAB_FILE, CORPUS_FILE)  # shipped beside the streams when they exist
 
 
 def default_model_dir() -> Path:
@@ -60,13 +64,10 @@ def shipped_streams_digest(shipped: Path | None = SHIPPED_STREAMS) -> str | None
     """sha256 over the shipped stream files, or None when none are shipped."""
     if shipped is None:
         return None
-    from .vocab import VOCAB_FILE
-
     files = [shipped / "config.json", shipped / STREAMS_FILE]
     if not all(f.is_file() for f in files):
         return None
-    if (shipped / VOCAB_FILE).is_file():
-        files.append(shipped / VOCAB_FILE)
+    files += [shipped / name for name in _OPTIONAL if (shipped / name).is_file()]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
@@ -102,11 +103,10 @@ def refresh_streams(folder: Path, shipped: Path | None = SHIPPED_STREAMS) -> boo
     if marker.exists() and marker.read_text().strip() == digest:
         return False
     section = _shipped_section(shipped)
-    from .vocab import VOCAB_FILE
-
     _replace_file(folder / STREAMS_FILE, lambda p: shutil.copyfile(shipped / STREAMS_FILE, p))
-    if (shipped / VOCAB_FILE).is_file():  # the draft vocabulary the streams were trained on
-        _replace_file(folder / VOCAB_FILE, lambda p: shutil.copyfile(shipped / VOCAB_FILE, p))
+    for name in _OPTIONAL:
+        if (shipped / name).is_file():
+            _replace_file(folder / name, lambda p, n=name: shutil.copyfile(shipped / n, p))
 
     with open(folder / "config.json", encoding="utf-8") as f:
         config = json.load(f)

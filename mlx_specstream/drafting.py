@@ -8,7 +8,8 @@ from until the next that runs them); ``propose(context, room, paused)`` returns 
 not fit; ``paused``: no stream nodes this pass (the adaptive pause, or stale streams).
 ``StreamDrafter``: the speculative streams (Medusa heads fill the same slots), one tree or
 a chain sized per step.  ``ContextDrafter``: a prompt-lookup branch under another
-drafter's tree; over the root alone it is plain prompt lookup.  A long branch (``skip_at``
+drafter's tree (where the context has no match, from a corpus of the model's past
+answers); over the root alone it is plain prompt lookup.  A long branch (``skip_at``
 tokens or more) marks its pass ``skip_streams``: the text is being copied, the next pass
 is likely drafted by the context again, and the pass saves the stream rows of every node.
 """
@@ -17,11 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
 from .tree import Tree, follow_chain, product_tree, with_chain
+
+if TYPE_CHECKING:
+    from .corpus import DraftCorpus
 
 ROOT = product_tree([])
 
@@ -160,11 +165,15 @@ class ContextDrafter:
     as new nodes (any depth) below the last of them, so no two siblings repeat a token;
     reading the base nodes' tokens for that costs one host sync on steps with a match.
     During the pause the base draft is the root alone, so the branch is verified alone.
-    ``skip_at`` > 0: a chain of at least that many tokens marks the draft ``skip_streams``."""
+    ``skip_at`` > 0: a chain of at least that many tokens marks the draft ``skip_streams``.
+    ``corpus`` (``corpus.DraftCorpus``): where the context has no match, the chain is the
+    corpus's continuation of the context's suffix, if it has one."""
 
     def __init__(self, base: StreamDrafter, max_len: int, max_ngram: int = 3,
-                 min_ngram: int = 1, skip_at: int = 0) -> None:
+                 min_ngram: int = 1, skip_at: int = 0, corpus: DraftCorpus | None = None
+                 ) -> None:
         self.base = base
+        self.corpus = corpus
         self.max_len, self.max_ngram, self.min_ngram = max_len, max_ngram, min_ngram
         self.skip_at = skip_at
         self.rows, self.uses_streams = base.rows, base.uses_streams
@@ -185,6 +194,8 @@ class ContextDrafter:
     def propose(self, context: list[int], room: int, paused: bool) -> Draft | None:
         draft = self.base.propose(context, room, paused)
         chain = find_draft(context, self.max_ngram, self.max_len, self.min_ngram)
+        if not chain and self.corpus is not None:
+            chain = self.corpus.lookup(context, self.max_len)
         if draft is None or not chain:
             return draft
         draft.skip_streams = 0 < self.skip_at <= len(chain)

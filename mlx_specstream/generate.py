@@ -26,6 +26,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from .backend import align_weights
 from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
+from .corpus import CORPUS_FILE, load_draft_corpus
 from .decode import DecodeStats, autoregressive_steps, lookup_steps, speculative_steps
 from .model import SpecStreamModel
 from .sampled import sampled_autoregressive_steps, sampled_speculative_steps
@@ -98,6 +99,10 @@ def load(
     # with the model).
     vocab_dir = src if (src / VOCAB_FILE).exists() else path
     model.set_draft_vocab(load_draft_vocab(vocab_dir, cfg.draft_vocab_size))
+    corpus_dir = src if (src / CORPUS_FILE).exists() else path
+    model.draft_corpus = load_draft_corpus(corpus_dir, model.vocab_rows)
+    if model.draft_corpus is not None and cfg.lookup_branches and cfg.lookup_corpus:
+        model.draft_corpus.index()  # now, not on the first request
     mx.eval(model.streams.parameters())
     model.eval()
     if not lazy and mx.default_device() == mx.cpu:
@@ -151,8 +156,8 @@ def check_unsupported(kwargs: dict[str, Any]) -> None:
     if other:
         msg += (
             "; options are: speculative, drafter, tree_topk, prune_threshold, dynamic_tree, "
-            "lookup_branches, lookup_skip_streams, stop, temp, top_p, top_k, min_p, "
-            "repetition_penalty, repetition_context_size, seed"
+            "lookup_branches, lookup_skip_streams, lookup_corpus, stop, temp, top_p, top_k, "
+            "min_p, repetition_penalty, repetition_context_size, seed"
         )
     raise TypeError(msg)
 
@@ -184,6 +189,7 @@ def stream_generate(
     dynamic_tree: bool | None = None,
     lookup_branches: int | None = None,
     lookup_skip_streams: int | None = None,
+    lookup_corpus: bool | None = None,
     stop: Sequence[str] | None = None,
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -211,6 +217,9 @@ def stream_generate(
     lookup_skip_streams: a pass whose context branch has at least this many tokens runs
         without the streams (copying text, the context drafts the next pass too); 0: the
         streams always run (default: config).
+    lookup_corpus: where the context has no match, the context branch drafts from the
+        folder's corpus of the model's past answers (``mlx-specstream corpus``), if it has
+        one (default: config).
     stop: stop strings; generation ends before the first one, which is not emitted.
     temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size: mlx-lm's
         sampling options (see ``sampling.SamplingParams``).  temp 0 without a
@@ -253,7 +262,8 @@ def stream_generate(
     elif params.plain_greedy:
         if speculative:
             steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold,
-                                      dynamic_tree, lookup_branches, lookup_skip_streams)
+                                      dynamic_tree, lookup_branches, lookup_skip_streams,
+                                      lookup_corpus)
         else:
             steps = autoregressive_steps(model, ids, max_tokens, stats)
     elif speculative:

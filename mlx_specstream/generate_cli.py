@@ -102,6 +102,12 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="run a pass without the stream rows when its context branch has at least N "
         "tokens (copied text), 0: never (default: the model's)",
     )
+    g.add_argument(
+        "--no-lookup-corpus",
+        action="store_true",
+        help="the context branch drafts from the context only, not from the folder's corpus "
+        "of the model's past answers (mlx-specstream corpus)",
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,6 +128,8 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(
                 f"--lookup-skip-streams must be >= 0, got {args.lookup_skip_streams}")
         kw["lookup_skip_streams"] = int(args.lookup_skip_streams)
+    if getattr(args, "no_lookup_corpus", False):
+        kw["lookup_corpus"] = False
     if kw.get("dynamic_tree") and not is_greedy(
         getattr(args, "temp", None), getattr(args, "repetition_penalty", None)
     ):

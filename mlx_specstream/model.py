@@ -338,11 +338,17 @@ class SpecStreamModel(nn.Module):
         self.num_layers = len(base.model.layers)
         self.split = self.num_layers - cfg.stream_layers
         self._draft_head = None  # the LM head's draft-vocabulary rows (set_draft_vocab)
+        self.draft_corpus = None  # corpus.DraftCorpus of the model's past answers, if any
 
     # -- pieces ----------------------------------------------------------------
     @property
     def args(self):
         return self.base.args
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the token embedding: every id the model reads is below this."""
+        return int(self.base.model.embed_tokens.weight.shape[0])
 
     @property
     def layers(self) -> list[nn.Module]:

@@ -391,6 +391,14 @@ def test_default_model_cache(tmp_path: Path) -> None:
     assert default_model.refresh_streams(target, newer)
     assert mx.array_equal(mx.load(str(target / VOCAB_FILE))["token_ids"], ranking)
     assert not default_model.refresh_streams(target, newer)
+    # and with a draft corpus
+    from mlx_specstream.corpus import CORPUS_FILE
+
+    tokens = mx.array([1, 2, 3, -1], dtype=mx.int32)
+    mx.save_safetensors(str(newer / CORPUS_FILE), {"tokens": tokens})
+    assert default_model.refresh_streams(target, newer)
+    assert mx.array_equal(mx.load(str(target / CORPUS_FILE))["tokens"], tokens)
+    assert not default_model.refresh_streams(target, newer)
 
 
 def test_default_model_race_keeps_existing(tmp_path: Path, monkeypatch) -> None:

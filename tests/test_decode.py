@@ -500,6 +500,8 @@ def test_lookup_branches_option_and_config() -> None:
     add_decoding_arguments(parser)
     assert decoding_kwargs(parser.parse_args(["--lookup-branches", "4"]))["lookup_branches"] == 4
     assert "lookup_branches" not in decoding_kwargs(parser.parse_args([]))
+    assert decoding_kwargs(parser.parse_args(["--no-lookup-corpus"]))["lookup_corpus"] is False
+    assert "lookup_corpus" not in decoding_kwargs(parser.parse_args([]))
     model = tiny_model("llama", lookup_branches=4)  # the config's default applies
     stats = DecodeStats()
     list(speculative_steps(model, REPEATS, 20, stats))
