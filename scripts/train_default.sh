@@ -18,7 +18,8 @@
 #   6. the draft vocabulary (the 8,192 tokens most frequent in the broad answers) and a
 #      third continuation whose stream loss is over those rows only: a schedule of
 #      BROAD3_ITERS steps stopped at BROAD3_STOP (checkpointed; --resume continues it);
-#   7. the tree calibrated for the machine it runs on, written to the shipped config.
+#   7. the draft corpus (the broad answers) for the context branch;
+#   8. the tree calibrated for the machine it runs on, written to the shipped config.
 # Usage: scripts/train_default.sh [WORK_DIR]   (default runs/default; resumable: distill
 # appends and skips prompts already answered).  Environment: PYTHON, NUM_PROMPTS, EPOCHS,
 # ALL_PROMPTS, CONT_ITERS, CONT2_ITERS, SELF_INSTRUCT, FOLLOW_UPS, PER_SOURCE, BROAD_ITERS,
@@ -149,6 +150,12 @@ cp "$WORK/streams_broad3/config.json" "$WORK/streams_broad3/specstream.safetenso
     "$WORK/model/draft_vocab.safetensors" "$WORK/train_report_broad.json" \
     "$WORK/train_report_broad2.json" "$WORK/train_report_broad3.json" \
     mlx_specstream/default_streams/
+
+# Step 7: the draft corpus: the broad answers (3,348 of them when it was shipped), from which
+# the context branch drafts where the context repeats nothing.
+"$PY" -m mlx_specstream.cli corpus --model "$WORK/model" --data "$WORK/broad/train.jsonl" \
+    --force
+cp "$WORK/model/draft_corpus.safetensors" mlx_specstream/default_streams/
 
 # Tokens per forward pass on the broad benchmark suite (benchmarks/suite), adaptive pause
 # off: the product tree [3, 2, 1] and the chain, each with and without context drafts.

@@ -12,7 +12,8 @@
 #   3. lossless training of fresh streams (base frozen): stream embeddings and a rank-32
 #      stream-only LoRA in the top 4 of the 24 layers, 90 steps of 2048-token batches
 #      (1.5 epochs; lr 1e-3 with stream-embedding lr 5e-3 diverged after 8 steps);
-#   4. the tree calibrated for the machine it runs on, written with the streams.
+#   4. the tree calibrated for the machine it runs on, written with the streams;
+#   5. the draft corpus (the training data) for the context branch.
 # HumanEval (the code benchmark) is never trained on.
 # Usage: scripts/train_qwen_coder.sh [WORK_DIR]   (default runs/qwen-coder; distill and
 # training resume).  Environment: PYTHON, SELF_INSTRUCT (default 33), REQUESTS, ITERS.
@@ -106,7 +107,12 @@ cfg["speculative_streaming"].update(lookup_branches=4, lookup_skip_streams=4)
 json.dump(cfg, open(sys.argv[1], "w"), indent=2)
 PYEOF
 
+# Step 5: the draft corpus (the training data: the answers and the functions), from which
+# the context branch drafts where the context repeats nothing.
+"$PY" -m mlx_specstream.cli corpus --model "$WORK/model" --data "$WORK/data/train.jsonl" \
+    --force
+
 mkdir -p mlx_specstream/qwen_coder_streams
 cp "$WORK/streams/config.json" "$WORK/streams/specstream.safetensors" \
     "$WORK/streams/draft_vocab.safetensors" "$WORK/streams/train_report.json" \
-    mlx_specstream/qwen_coder_streams/
+    "$WORK/model/draft_corpus.safetensors" mlx_specstream/qwen_coder_streams/
