@@ -108,9 +108,12 @@ class DraftCorpus:
             if not starts.size:
                 continue
             key = _hash_windows(pad, starts, n)
-            cont = np.stack([pad[starts + n + j] for j in range(VOTE)], axis=1)
-            cont[np.cumsum(cont == _SEP, axis=1) > 0] = _SEP  # a text's end ends it
-            ch = _hash_windows(cont.reshape(-1), np.arange(0, cont.size, VOTE), VOTE)
+            ch = np.full(starts.shape, VOTE, dtype=np.uint64)  # the continuation's hash
+            alive = np.ones(starts.shape, dtype=bool)  # a text's end ends it
+            for j in range(VOTE):
+                t = pad[starts + n + j]
+                alive &= t != _SEP
+                ch = ch * np.uint64(_MULT) + np.where(alive, t + 1, 0).astype(np.uint64)
             keys.append(key)
             follow.append(starts + n)
             counts_key.append(key ^ (ch * np.uint64(_MIX)))
