@@ -190,14 +190,9 @@ def load_draft_corpus(folder: str | Path, vocab_size: int) -> DraftCorpus | None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder or built-in model name")
-    p.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        help="texts the model wrote: distill's train.jsonl (assistant turns) or a text file "
-        "(one text a line); may be repeated",
-    )
+    from .vocab import add_text_arguments
+
+    add_text_arguments(p)
     p.add_argument("--force", action="store_true",
                    help=f"replace the folder's {CORPUS_FILE}")
 

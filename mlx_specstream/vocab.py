@@ -211,7 +211,8 @@ def build_draft_vocab(
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_text_arguments(p: argparse.ArgumentParser) -> None:
+    """--model and --data: the commands that read texts the model wrote (vocab, corpus)."""
     p.add_argument("--model", default=None, help="model folder or built-in model name")
     p.add_argument(
         "--data",
@@ -220,6 +221,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="texts the model wrote: distill's train.jsonl (assistant turns) or a text file "
         "(one text a line); may be repeated",
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_text_arguments(p)
     p.add_argument(
         "--size",
         type=int,
