@@ -193,10 +193,12 @@ class ContextDrafter:
 
     def propose(self, context: list[int], room: int, paused: bool) -> Draft | None:
         draft = self.base.propose(context, room, paused)
+        if draft is None:
+            return draft
         chain = find_draft(context, self.max_ngram, self.max_len, self.min_ngram)
         if not chain and self.corpus is not None:
             chain = self.corpus.lookup(context, self.max_len)
-        if draft is None or not chain:
+        if not chain:
             return draft
         draft.skip_streams = 0 < self.skip_at <= len(chain)
         base = draft.tree
