@@ -56,16 +56,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import STEP, TreeKVCache
 from .decode import (
-    LOOKUP_MAX_NGRAM,
-    LOOKUP_MIN_NGRAM,
     DecodeStats,
     GreedyAcceptor,
     Pause,
     check_context,
-    corpus_of,
     default_tree,
     fill,
     prefill,
+    with_context_branch,
 )
 from .drafting import ROOT, ContextDrafter, Draft, StreamDrafter, monotone_costs
 from .generate import GenerationResponse, _encode, _find_stop, _response, _stop_holdback
@@ -432,26 +430,23 @@ def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bo
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
     if not params.plain_greedy:
         rng = rng if rng is not None else params.make_rng()
-        if tree.size == 1:
+        sampled = StreamDrafter(tree, sampled_proposals(params, rng))
+        if speculative:
+            sampled = with_context_branch(model, sampled, lookup_branches,
+                                          lookup_skip_streams, lookup_corpus)
+        if tree.size == 1 and sampled.max_depth == 0:
             return StreamDrafter(ROOT), PlainSampledAcceptor(params, rng)
-        return (StreamDrafter(tree, sampled_proposals(params, rng)),
-                SampledAcceptor(params, rng))
+        return sampled, SampledAcceptor(params, rng)
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
-    lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
-    if lookup < 0:
-        raise ValueError(f"lookup_branches must be >= 0, got {lookup}")
-    skip = cfg.lookup_skip_streams if lookup_skip_streams is None else int(lookup_skip_streams)
-    if skip < 0:
-        raise ValueError(f"lookup_skip_streams must be >= 0, got {skip}")
     chains = None
     if speculative and dynamic:
         chains = [tree_from_paths([[0] * i for i in range(1, d + 1)])
                   for d in range(cfg.num_streams + 1)]
     drafter: StreamDrafter | ContextDrafter = StreamDrafter(
         tree, chains=chains, pass_cost=monotone_costs(cfg.tree_costs))
-    if speculative and lookup:
-        drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM,
-                                 skip_at=skip, corpus=corpus_of(model, lookup_corpus))
+    if speculative:
+        drafter = with_context_branch(model, drafter, lookup_branches, lookup_skip_streams,
+                                      lookup_corpus)
     return drafter, GreedyAcceptor()
 
 
@@ -723,10 +718,13 @@ class BatchDecoder:
         t, idx, depth, mask, parent = seq.subtrees[key]
         kept = keep.tolist()
         on_branch = set(draft.branch)
+        streamed = None if draft.stream_nodes is None else set(draft.stream_nodes)
         return Draft(t, draft.tokens[idx], depth, mask, parent,
                      streams=sum(i < draft.streams for i in kept),
                      branch=[j for j, i in enumerate(kept) if i in on_branch],
-                     q=draft.q, cands=draft.cands)
+                     q=draft.q, cands=draft.cands,
+                     stream_nodes=None if streamed is None else
+                     [j for j, i in enumerate(kept) if i in streamed])
 
     def _decode(self) -> list[BatchEvent]:
         model, cache = self.model, self.cache
@@ -787,7 +785,7 @@ class BatchDecoder:
         cache.commit(paths)
         self.passes += 1
         self.rows += B * L
-        stream_logits = self._stream_logits(x, L, paths)
+        stream_logits = self._stream_logits(x, L, paths, drafts)
         for b, seq in enumerate(self.running):
             seq.context.extend(news[b])
             if b in stream_logits:
@@ -813,16 +811,19 @@ class BatchDecoder:
         self._retire([b for b, s in enumerate(self.running) if s.finish is not None])
         return events
 
-    def _stream_logits(self, x: mx.array, L: int, paths: list[list[int]]
-                       ) -> dict[int, mx.array]:
+    def _stream_logits(self, x: mx.array, L: int, paths: list[list[int]],
+                       drafts: list[Draft]) -> dict[int, mx.array]:
         """The drafting logits of the streams of each sequence's last accepted node (for
-        the sequences whose pass ran them), through one LM-head product for the batch."""
+        the sequences whose pass ran them), through one LM-head product for the batch.
+        The batch runs the streams of every node; a node outside its draft's
+        ``stream_nodes`` is treated as one without them, as decode.py's loop treats it."""
         g = self.model.cfg.num_streams
         bidx: list[int] = []
         ridx: list[int] = []
         spans: dict[int, tuple[int, int]] = {}
         for b, seq in enumerate(self.running):
-            if seq.wants_streams:
+            nodes = drafts[b].stream_nodes
+            if seq.wants_streams and (nodes is None or paths[b][-1] in nodes):
                 host = L + paths[b][-1] * g  # the streams of the last accepted node
                 rows = seq.drafter.rows
                 spans[b] = (len(bidx), len(bidx) + rows)

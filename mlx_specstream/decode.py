@@ -244,12 +244,15 @@ def autoregressive_steps(
 
 
 def verify(model: SpecStreamModel, cache, draft: Draft, with_streams: bool,
-           prune_threshold: float = 0.0) -> tuple[mx.array, Tree, mx.array, np.ndarray | None]:
+           prune_threshold: float = 0.0
+           ) -> tuple[mx.array, Tree, mx.array, np.ndarray | None, list[int] | None]:
     """Run the draft through the model: the last hidden states (the main rows, then
-    ``num_streams`` rows per node), the verified tree, its tokens and the draft nodes
-    pruning kept (None: all).  With ``prune_threshold`` > 0 the stream nodes whose
-    early-exit probability (of their token given their parent) falls below it are
-    dropped after the lower layers, with their subtrees; the context branch is kept."""
+    ``num_streams`` rows per node with streams), the verified tree, its tokens, the
+    draft nodes pruning kept (None: all) and the verified nodes whose streams ran, in
+    the order of their rows (None: all; ``Draft.stream_nodes``).  With
+    ``prune_threshold`` > 0 the stream nodes whose early-exit probability (of their
+    token given their parent) falls below it are dropped after the lower layers, with
+    their subtrees; the context branch is kept."""
     tree, tokens, mask = draft.tree, draft.tokens, draft.mask
     positions = draft.depth + cache.offset
     h = model.lower(tokens, positions, mask, cache)
@@ -263,8 +266,14 @@ def verify(model: SpecStreamModel, cache, draft: Draft, with_streams: bool,
             kept, keep_mx = keep, mx.array(keep.astype(np.int32))
             h, tokens, positions = h[:, keep_mx], tokens[keep_mx], positions[keep_mx]
             mask, tree = mask[keep_mx][:, keep_mx], subtree(tree, keep)
-    x = model.upper_hidden(h, positions, mask, cache, with_streams=with_streams)[0]
-    return x, tree, tokens, kept
+    rows = draft.stream_nodes if with_streams else None
+    if rows is not None and kept is not None:
+        now = {int(old): new for new, old in enumerate(kept)}
+        rows = [now[i] for i in rows if i in now]
+    x = model.upper_hidden(h, positions, mask, cache,
+                           None if rows is None else mx.array(rows, dtype=mx.int32),
+                           with_streams=with_streams)[0]
+    return x, tree, tokens, kept, rows
 
 
 def commit(model: SpecStreamModel, cache, path: list[int], kept: np.ndarray | None) -> None:
@@ -377,7 +386,8 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
     is on, the drafter drafts without the streams (the root alone, or a context branch)
     and the streams run on the pause's last pass only; a drafter that never runs the
     streams never pauses.  A draft marked ``skip_streams`` runs its pass without them
-    too; the next pass then drafts as a paused one."""
+    too; the next pass then drafts as a paused one, as it does when the accepted path
+    ends on a node outside the draft's ``stream_nodes``."""
     limit = check_context(model, prompt.shape[0], max_tokens)
     with wired_limit(model):
         cache = model.make_cache()
@@ -399,7 +409,8 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
             if draft is None:
                 return  # context full
             with_streams = run_streams and not draft.skip_streams
-            x, tree, tokens, kept = verify(model, cache, draft, with_streams, prune_threshold)
+            x, tree, tokens, kept, rows = verify(model, cache, draft, with_streams,
+                                                 prune_threshold)
             n = tree.size
             targets = acceptor.targets(model.head(x[:n]), tokens, tree, context)
             decided = acceptor.decide(tree, tokens, targets, draft)
@@ -418,8 +429,11 @@ def speculative_loop(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
                 pause.observe(len(path))
             new_tokens = [int(tok_np[i]) for i in path[1:]] + [nxt]
             context.extend(new_tokens)
-            if with_streams:
-                host = n + path[-1] * g  # the streams of the last accepted node
+            last = path[-1]
+            if rows is not None:  # the streams ran on some nodes only
+                last = rows.index(last) if last in rows else -1
+            if with_streams and last >= 0:
+                host = n + last * g  # the streams of the last accepted node
                 drafter.observe(model.draft_logits(x[host : host + drafter.rows]), context)
             elif drafter.uses_streams:
                 drafter.skip()
@@ -438,6 +452,26 @@ def corpus_of(model: SpecStreamModel, lookup_corpus: bool | None = None):
     when None, ``cfg.lookup_corpus``) is off."""
     use = model.cfg.lookup_corpus if lookup_corpus is None else bool(lookup_corpus)
     return getattr(model, "draft_corpus", None) if use else None
+
+
+def with_context_branch(model: SpecStreamModel, drafter: StreamDrafter,
+                        lookup_branches: int | None = None,
+                        lookup_skip_streams: int | None = None,
+                        lookup_corpus: bool | None = None) -> StreamDrafter | ContextDrafter:
+    """``drafter`` under a context branch (``drafting.ContextDrafter``) of at most
+    ``lookup_branches`` tokens (default ``cfg.lookup_branches``; 0: ``drafter`` alone),
+    with the skip rule and the corpus of the folder's config unless given."""
+    cfg = model.cfg
+    lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
+    if lookup < 0:
+        raise ValueError(f"lookup_branches must be >= 0, got {lookup}")
+    skip = cfg.lookup_skip_streams if lookup_skip_streams is None else int(lookup_skip_streams)
+    if skip < 0:
+        raise ValueError(f"lookup_skip_streams must be >= 0, got {skip}")
+    if not lookup:
+        return drafter
+    return ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, skip_at=skip,
+                          corpus=corpus_of(model, lookup_corpus))
 
 
 def speculative_steps(
@@ -465,8 +499,6 @@ def speculative_steps(
     cfg = model.cfg
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
     lookup = cfg.lookup_branches if lookup_branches is None else int(lookup_branches)
-    if lookup < 0:
-        raise ValueError(f"lookup_branches must be >= 0, got {lookup}")
     chains = None
     if dynamic:
         chains = [tree_from_paths([[0] * i for i in range(1, d + 1)])
@@ -479,13 +511,9 @@ def speculative_steps(
         # not pay for themselves (e.g. untrained); plain decoding is then the fastest.
         yield from autoregressive_steps(model, prompt, max_tokens, stats)
         return
-    drafter = StreamDrafter(tree, chains=chains, pass_cost=monotone_costs(cfg.tree_costs))
-    if lookup:
-        skip = cfg.lookup_skip_streams if lookup_skip_streams is None else lookup_skip_streams
-        if skip < 0:
-            raise ValueError(f"lookup_skip_streams must be >= 0, got {skip}")
-        drafter = ContextDrafter(drafter, lookup, LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM,
-                                 skip_at=int(skip), corpus=corpus_of(model, lookup_corpus))
+    drafter = with_context_branch(
+        model, StreamDrafter(tree, chains=chains, pass_cost=monotone_costs(cfg.tree_costs)),
+        lookup_branches, lookup_skip_streams, lookup_corpus)
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
     yield from speculative_loop(model, prompt, max_tokens, stats, drafter, GreedyAcceptor(),
                                 threshold)
@@ -493,8 +521,11 @@ def speculative_steps(
 
 def lookup_steps(model: SpecStreamModel, prompt: mx.array, max_tokens: int,
                  stats: DecodeStats, max_ngram: int = 3, num_draft: int = 4,
-                 min_ngram: int = 1) -> Iterator[int]:
+                 min_ngram: int = 1, acceptor: GreedyAcceptor | None = None
+                 ) -> Iterator[int]:
     """Prompt lookup: the context drafter alone, verified by the main stream (no
-    speculative streams).  Greedy output is identical to plain decoding."""
+    speculative streams).  Greedy output is identical to plain decoding; with
+    ``sampled.SampledAcceptor`` the law is that of plain sampling."""
     drafter = ContextDrafter(StreamDrafter(ROOT), num_draft, max_ngram, min_ngram)
-    return speculative_loop(model, prompt, max_tokens, stats, drafter, GreedyAcceptor())
+    return speculative_loop(model, prompt, max_tokens, stats, drafter,
+                            acceptor or GreedyAcceptor())

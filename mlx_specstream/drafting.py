@@ -12,6 +12,9 @@ drafter's tree (where the context has no match, from a corpus of the model's pas
 answers); over the root alone it is plain prompt lookup.  A long branch (``skip_at``
 tokens or more) marks its pass ``skip_streams``: the text is being copied, the next pass
 is likely drafted by the context again, and the pass saves the stream rows of every node.
+Otherwise, a branch that goes past the stream tree by two nodes or more lists in
+``stream_nodes`` the nodes whose streams the pass runs: the tree's and the branch's end
+(a path that stops inside the branch leaves the next pass without stream drafts).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Draft:
     q: mx.array | None = None  # the streams' proposals, for exact sampling
     cands: mx.array | None = None  # (rows, kmax) candidates in draw order
     skip_streams: bool = False  # this pass need not run the streams (a long context branch)
+    stream_nodes: list[int] | None = None  # the nodes whose streams the pass runs (None: all)
 
 
 def topk_indices(logits: mx.array, k: int) -> mx.array:
@@ -218,6 +222,8 @@ class ContextDrafter:
         draft.tokens = mx.concatenate([draft.tokens, mx.array(tail, dtype=mx.int32)])
         draft.depth, draft.mask, draft.parent, _ = on_device(tree, self.made)
         draft.branch = on_branch + list(range(base.size, tree.size))
+        if new > 1:  # inside the new part of the branch only its end may need them
+            draft.stream_nodes = list(range(base.size)) + [tree.size - 1]
         return draft
 
 

@@ -29,7 +29,11 @@ from .config import CONFIG_KEY, STREAMS_FILE, SpecStreamConfig
 from .corpus import CORPUS_FILE, load_draft_corpus
 from .decode import DecodeStats, autoregressive_steps, lookup_steps, speculative_steps
 from .model import SpecStreamModel
-from .sampled import sampled_autoregressive_steps, sampled_speculative_steps
+from .sampled import (
+    SampledAcceptor,
+    sampled_autoregressive_steps,
+    sampled_speculative_steps,
+)
 from .sampling import SamplingParams
 from .tree import product_tree
 from .vocab import VOCAB_FILE, load_draft_vocab
@@ -202,8 +206,8 @@ def stream_generate(
     """Generate, yielding one ``GenerationResponse`` per token.
 
     speculative: False runs plain autoregressive decoding in the same runtime.
-    drafter: "streams" (Speculative Streaming) or "lookup" (prompt-lookup n-gram drafts,
-        greedy only).
+    drafter: "streams" (Speculative Streaming) or "lookup" (prompt-lookup n-gram drafts
+        alone).
     tree_topk: candidates per depth of the product tree (default: the folder's config).
     prune_threshold: early-exit pruning threshold, 0 disables (default: config);
         not used when sampling (pruned trees are no longer draws from the streams).
@@ -211,9 +215,8 @@ def stream_generate(
         calibrated pass costs, instead of one tree (greedy only; default: config).
     lookup_branches: longest context branch: when the context repeats an earlier
         n-gram, the tokens that followed it join the draft tree and are verified in
-        the same pass; 0 disables (default: config).  Greedy decoding with the streams
-        drafter only: not used when sampling (as ``prune_threshold``), so that a server
-        or chat started with it still serves sampled requests.
+        the same pass; 0 disables (default: config).  When sampling, its tokens are
+        tested as proposals of all their mass on one token, so the law is unchanged.
     lookup_skip_streams: a pass whose context branch has at least this many tokens runs
         without the streams (copying text, the context drafts the next pass too); 0: the
         streams always run (default: config).
@@ -256,9 +259,8 @@ def stream_generate(
                                   or value < 0):
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if drafter == "lookup" and speculative:
-        if not params.plain_greedy:
-            raise ValueError("the lookup drafter decodes greedily only (temp 0)")
-        steps = lookup_steps(model, ids, max_tokens, stats)
+        acceptor = None if params.plain_greedy else SampledAcceptor(params, params.make_rng())
+        steps = lookup_steps(model, ids, max_tokens, stats, acceptor=acceptor)
     elif params.plain_greedy:
         if speculative:
             steps = speculative_steps(model, ids, max_tokens, stats, tree, prune_threshold,
@@ -267,7 +269,8 @@ def stream_generate(
         else:
             steps = autoregressive_steps(model, ids, max_tokens, stats)
     elif speculative:
-        steps = sampled_speculative_steps(model, ids, max_tokens, stats, params, tree)
+        steps = sampled_speculative_steps(model, ids, max_tokens, stats, params, tree,
+                                          lookup_branches, lookup_skip_streams, lookup_corpus)
     else:
         steps = sampled_autoregressive_steps(model, ids, max_tokens, stats, params)
     detok = copy.copy(tokenizer.detokenizer)

@@ -92,7 +92,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="add the continuation (at most N tokens) of an n-gram the context repeats "
-        "to the draft tree, 0 disables (greedy only; default: the model's)",
+        "to the draft tree, 0 disables (default: the model's)",
     )
     g.add_argument(
         "--lookup-skip-streams",

@@ -31,7 +31,7 @@ per pass in the same runtime: it is the reference distribution.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -42,11 +42,13 @@ from .decode import (
     autoregressive_steps,
     default_tree,
     speculative_loop,
+    with_context_branch,
 )
 from .drafting import Draft, Proposals, StreamDrafter, topk_indices
 from .model import SpecStreamModel
 from .sampling import (
     SamplingParams,
+    branch_children,
     draft_on_device,
     processed_logits,
     random_key,
@@ -103,11 +105,15 @@ def sampled_proposals(params: SamplingParams, rng: np.random.Generator) -> Propo
     return proposals
 
 
-def rejection_tables(tree: Tree) -> dict[str, np.ndarray]:
-    """Per child slot (children of each node in rank order), for every node: the child
-    (-1: none), the proposal row of its depth and its rank."""
+def rejection_tables(tree: Tree, streams: int | None = None,
+                     branch: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Per child slot (the stream children of each node, ids below ``streams``, in rank
+    order), for every node: the child (-1: none), the proposal row of its depth and its
+    rank; ``fixed``: each node's child on the deterministic ``branch`` (-1: none)."""
     n = tree.size
-    kids = [sorted(tree.children[u], key=lambda c: int(tree.rank[c])) for u in range(n)]
+    streams = n if streams is None else streams
+    kids = [sorted((c for c in tree.children[u] if c < streams), key=lambda c: int(tree.rank[c]))
+            for u in range(n)]
     slots = max(len(k) for k in kids)
     child = -np.ones((slots, n), dtype=np.int32)
     for u, k in enumerate(kids):
@@ -115,7 +121,8 @@ def rejection_tables(tree: Tree) -> dict[str, np.ndarray]:
     has = child >= 0
     row = np.where(has, tree.depth[None, :], 0).astype(np.int32)
     rank = np.where(has, tree.rank[np.maximum(child, 0)], 0).astype(np.int32)
-    return {"child": child, "row": row, "rank": rank}
+    return {"child": child, "row": row, "rank": rank,
+            "fixed": branch_children(n, branch)}
 
 
 def accept_sampled_on_device(tree: Tree, tables: dict[str, np.ndarray], tokens: mx.array,
@@ -123,8 +130,9 @@ def accept_sampled_on_device(tree: Tree, tables: dict[str, np.ndarray], tokens: 
                              key: mx.array) -> mx.array:
     """``sampling.accept_sampled`` on the device: int32 (last accepted node, next token).
 
-    Every node runs the rejection test over its children at once (one child slot at a
-    time, all nodes in parallel), each test with its own uniform draw; the accepted
+    Every node runs the rejection test over its children at once (its branch child
+    first, then one stream-child slot at a time, all nodes in parallel), each test with
+    its own uniform draw; the accepted
     path then follows each node's accepted child from the root, and the next token is
     a draw (Gumbel-max) from the residual at its last node.  The host reads two
     integers instead of n x V targets.  Same law as the host walk: every decision on
@@ -135,14 +143,28 @@ def accept_sampled_on_device(tree: Tree, tables: dict[str, np.ndarray], tokens: 
     r = r / r.sum(axis=-1, keepdims=True)
     k_test, k_next = mx.random.split(key)
     child = tables["child"]
+    acc = mx.full((n,), -1, dtype=mx.int32)
+    active = mx.ones((n,), dtype=mx.bool_)
+    fixed = tables["fixed"]
+    if (fixed >= 0).any():  # the branch child: a proposal of all its mass on one token
+        k_test, k_fixed = mx.random.split(k_test)
+        has = mx.array(fixed >= 0)
+        kid = mx.array(np.maximum(fixed, 0))
+        ry = mx.take_along_axis(r, tokens[kid].astype(mx.int32)[:, None], axis=-1)[:, 0]
+        take = has & (mx.random.uniform(shape=(n,), key=k_fixed) < ry)
+        acc = mx.where(take, kid, acc)
+        active = ~take
+        y_hot = mx.arange(r.shape[-1]) == tokens[kid].astype(mx.int32)[:, None]
+        rest = mx.where(y_hot, 0.0, r)
+        total = rest.sum(axis=-1, keepdims=True)
+        rest = rest / mx.where(total > 0, total, 1.0)
+        r = mx.where((has & ~take & (total[:, 0] > 0))[:, None], rest, r)
     if child.shape[0]:
         q32 = q.astype(mx.float32)
         V = q32.shape[-1]
         drawn = (cands[..., None] == mx.arange(V)).astype(mx.int32)  # (rows, kmax, V)
         before = (mx.cumsum(drawn, axis=1) - drawn) > 0  # drawn at a lower rank
         uniforms = mx.random.uniform(shape=(child.shape[0], n), key=k_test)
-        acc = mx.full((n,), -1, dtype=mx.int32)
-        active = mx.ones((n,), dtype=mx.bool_)
         for slot in range(child.shape[0]):
             has = mx.array(child[slot] >= 0)
             kid = mx.array(np.maximum(child[slot], 0))
@@ -162,12 +184,11 @@ def accept_sampled_on_device(tree: Tree, tables: dict[str, np.ndarray], tokens: 
             total = rest.sum(axis=-1, keepdims=True)
             rest = mx.where(total > 0, rest / mx.where(total > 0, total, 1.0), r)
             r = mx.where((genuine & ~take)[:, None], rest, r)
-        node = mx.array(0, dtype=mx.int32)
+    node = mx.array(0, dtype=mx.int32)
+    if tree.size > 1:
         for _ in range(tree.max_depth):
             nxt = acc[node]
             node = mx.where(nxt >= 0, nxt, node)
-    else:
-        node = mx.array(0, dtype=mx.int32)
     residual = r[node]
     nxt_token = mx.argmax(mx.log(residual) + mx.random.gumbel(residual.shape, key=k_next))
     return mx.stack([node, nxt_token.astype(mx.int32)])
@@ -182,7 +203,7 @@ class SampledAcceptor(GreedyAcceptor):
         super().__init__()
         self.params, self.rng = params, rng
         self.ancestry: dict[int, tuple[Tree, list[mx.array]]] = {}
-        self.rejection: dict[int, tuple[Tree, dict[str, np.ndarray]]] = {}
+        self.rejection: dict[tuple, tuple[Tree, dict[str, np.ndarray]]] = {}
 
     def _histories(self, tokens: mx.array, tree: Tree, context: list[int]) -> list | None:
         """Per node: the context before the root, then the path to the node."""
@@ -209,10 +230,14 @@ class SampledAcceptor(GreedyAcceptor):
                draft: Draft | None) -> mx.array:
         if self.params.greedy:
             return super().decide(tree, tokens, targets, draft)
-        if id(tree) not in self.rejection:
-            self.rejection[id(tree)] = (tree, rejection_tables(tree))
+        streams, branch = (tree.size, ()) if draft is None else (draft.streams, draft.branch)
+        key = (id(tree), streams, tuple(branch))
+        if key not in self.rejection:
+            if len(self.rejection) >= 256:  # branched trees vary: keep the table bounded
+                self.rejection.clear()
+            self.rejection[key] = (tree, rejection_tables(tree, streams, branch))
         q, cands = (None, None) if draft is None else (draft.q, draft.cands)
-        return accept_sampled_on_device(tree, self.rejection[id(tree)][1], tokens, targets,
+        return accept_sampled_on_device(tree, self.rejection[key][1], tokens, targets,
                                         q, cands, random_key(self.rng))
 
 
@@ -223,17 +248,26 @@ def sampled_speculative_steps(
     stats: DecodeStats,
     params: SamplingParams,
     tree: Tree | None = None,
+    lookup_branches: int | None = None,
+    lookup_skip_streams: int | None = None,
+    lookup_corpus: bool | None = None,
 ) -> Iterator[int]:
     """Speculative Streaming with sampling.  Yields tokens whose joint law is that of
-    ``sampled_autoregressive_steps`` (for temp == 0: its exact tokens)."""
+    ``sampled_autoregressive_steps`` (for temp == 0: its exact tokens).
+
+    The context branch (``decode.with_context_branch``; default: the folder's
+    ``lookup_branches``, ``lookup_skip_streams`` and ``lookup_corpus``) joins the tree as
+    in greedy decoding; its tokens are a function of the context, so the acceptor tests
+    them as one-token proposals (``sampling.accept_sampled``)."""
     cfg = model.cfg
     tree = tree if tree is not None else default_tree(cfg)
     if tree.max_depth > cfg.num_streams:
         raise ValueError(f"tree depth {tree.max_depth} exceeds {cfg.num_streams} streams")
-    if tree.size == 1:  # nothing to draft: plain sampling is the fastest
+    rng = params.make_rng()
+    drafter = with_context_branch(model, StreamDrafter(tree, sampled_proposals(params, rng)),
+                                  lookup_branches, lookup_skip_streams, lookup_corpus)
+    if drafter.max_depth == 0:  # nothing to draft: plain sampling is the fastest
         yield from sampled_autoregressive_steps(model, prompt, max_tokens, stats, params)
         return
-    rng = params.make_rng()
-    drafter = StreamDrafter(tree, sampled_proposals(params, rng))
     yield from speculative_loop(model, prompt, max_tokens, stats, drafter,
                                 SampledAcceptor(params, rng))

@@ -251,15 +251,25 @@ def sample_from(r: np.ndarray, rng: np.random.Generator) -> int:
     return min(i, cs.shape[0] - 1)
 
 
-def _candidates(tree: Tree, node_tokens: np.ndarray) -> dict[tuple[int, int], int]:
-    """(depth, rank) -> token, read off the tree's nodes."""
+def _candidates(tree: Tree, node_tokens: np.ndarray, streams: int
+                ) -> dict[tuple[int, int], int]:
+    """(depth, rank) -> token, read off the tree's stream nodes (ids below ``streams``)."""
     out: dict[tuple[int, int], int] = {}
-    for i in range(1, tree.size):
+    for i in range(1, streams):
         key = (int(tree.depth[i]), int(tree.rank[i]))
         tok = int(node_tokens[i])
         if out.setdefault(key, tok) != tok:
             raise ValueError(f"nodes with depth/rank {key} carry different tokens")
     return out
+
+
+def branch_children(tree_size: int, branch: Sequence[int]) -> np.ndarray:
+    """(n,) int: each node's child on the deterministic branch (-1: none).  ``branch``
+    is a path from the root (``Draft.branch``: the root, then the branch's nodes)."""
+    child = -np.ones(tree_size, dtype=np.int32)
+    for u, c in zip(branch[:-1], branch[1:], strict=True):
+        child[u] = c
+    return child
 
 
 def accept_sampled(
@@ -269,6 +279,8 @@ def accept_sampled(
     q: np.ndarray,
     rng: np.random.Generator,
     cands: np.ndarray | None = None,
+    streams: int | None = None,
+    branch: Sequence[int] = (),
 ) -> tuple[list[int], int]:
     """Recursive rejection sampling without replacement over a draft tree.
 
@@ -278,18 +290,36 @@ def accept_sampled(
     Without ``cands`` they are read off the tree, which then must hold every rank
     below each child's rank at that depth (true of product trees).
 
+    streams: the nodes with smaller ids are the streams' draws (default: all); the
+    others are deterministic.  branch: a path from the root whose tokens are a
+    deterministic function of the context (a prompt-lookup or corpus chain); a node on
+    it tests its branch child first, as a proposal of all its mass on one token ``y``:
+    accepted with probability ``r(y)``, else ``y`` leaves the residual.  The stream
+    children follow in rank order.  Both are speculative-sampling steps, so the
+    emitted token still follows the residual's law.
+
     Returns the accepted path (node ids from the root) and the next token, drawn from
     the residual at the last accepted node.  The emitted tokens (path after the root,
     then the next token) follow ``p`` exactly; see the module docstring."""
-    known = None if cands is not None else _candidates(tree, node_tokens)
+    streams = tree.size if streams is None else streams
+    known = None if cands is not None else _candidates(tree, node_tokens, streams)
+    fixed = branch_children(tree.size, branch)
     path = [0]
     u = 0
     while True:
         r = np.asarray(p[u], dtype=np.float64)
         r = r / r.sum()
-        kids = sorted(tree.children[u], key=lambda c: int(tree.rank[c]))
         nxt = -1
-        if kids:
+        if fixed[u] >= 0:
+            y = int(node_tokens[fixed[u]])
+            if rng.random() < r[y]:
+                nxt = int(fixed[u])
+            elif r[y] < 1.0:
+                r[y] = 0.0
+                r = r / r.sum()
+        kids = sorted((c for c in tree.children[u] if c < streams),
+                      key=lambda c: int(tree.rank[c]))
+        if kids and nxt < 0:
             d = int(tree.depth[u])  # children are at depth d + 1: proposal row d
             qd = np.array(q[d], dtype=np.float64)
             removed = 0  # candidates of ranks < removed are out of qd

@@ -186,13 +186,32 @@ def test_context_limit_ends_a_sequence_with_length() -> None:
 # ------------------------------------------------------------------ sampling
 
 
-def test_seeded_sampling_in_a_batch_is_reproducible_and_equals_alone(small_model) -> None:
+@pytest.fixture
+def with_corpus(small_model):
+    """The small model with a corpus of its own samples (context branches from it)."""
+    from mlx_specstream.corpus import DraftCorpus
+    from mlx_specstream.sampled import sampled_autoregressive_steps
+
+    texts = [list(sampled_autoregressive_steps(
+        small_model, PROMPT, 8, DecodeStats(),
+        SamplingParams(**{**MODEL_PARAMS.__dict__, "seed": 9 * 10**6 + i}))) for i in range(60)]
+    small_model.draft_corpus = DraftCorpus(np.array([t for x in texts for t in [*x, -1]]))
+    yield small_model
+    small_model.draft_corpus = None
+
+
+@pytest.mark.parametrize("lookup", [0, 3])
+def test_seeded_sampling_in_a_batch_is_reproducible_and_equals_alone(with_corpus,
+                                                                     lookup) -> None:
+    """With ``lookup`` > 0 the sequences also draft context branches (from the corpus)."""
+    small_model = with_corpus
     params = [SamplingParams(**{**MODEL_PARAMS.__dict__, "seed": s}) for s in (1, 2, 3)]
     prompts = [[1, 5, 7], [2, 3], [9, 9, 9, 4]]
 
     def batch(size_trees: bool) -> list[list[int]]:
         decoder = BatchDecoder(small_model, size_trees=size_trees)
-        ids = [decoder.add(p, 12, q) for p, q in zip(prompts, params, strict=True)]
+        ids = [decoder.add(p, 12, q, lookup_branches=lookup)
+               for p, q in zip(prompts, params, strict=True)]
         out = run(decoder)
         return [out[u] for u in ids]
 
@@ -200,21 +219,27 @@ def test_seeded_sampling_in_a_batch_is_reproducible_and_equals_alone(small_model
     fixed = batch(False)
     assert fixed == batch(False)
     for p, q, got in zip(prompts, params, fixed, strict=True):
-        assert got == list(sampled_speculative_steps(small_model, mx.array(p), 12,
-                                                     DecodeStats(), q))
+        stats = DecodeStats()
+        assert got == list(sampled_speculative_steps(small_model, mx.array(p), 12, stats, q,
+                                                     lookup_branches=lookup))
+        assert (stats.lookup_passes > 0) == (lookup > 0)
 
 
-@pytest.mark.parametrize("batch,sized", [(24, False), (8, True)])
-def test_batched_sampling_keeps_the_model_law(small_model, model_law, batch, sized) -> None:
+@pytest.mark.parametrize("batch,sized,lookup", [(24, False, 0), (8, True, 0), (8, True, 3)])
+def test_batched_sampling_keeps_the_model_law(with_corpus, model_law, batch, sized,
+                                              lookup) -> None:
     """1200 seeded sequences in batches, goodness of fit of the first three tokens against
     the exact law.  Sized: rows priced so that each step verifies 5 or 6 of the 13 nodes
-    of every tree (the sizes follow the streams' probabilities of each batch)."""
+    of every tree (the sizes follow the streams' probabilities of each batch); lookup:
+    with context branches from the corpus, cut with the trees."""
+    small_model = with_corpus
     counts: Counter = Counter()
     for start in range(0, 1200, batch):
         decoder = BatchDecoder(small_model, size_trees=sized)
         decoder.pass_cost = monotone_costs([1.0 + 0.03 * n for n in range(128)])
         ids = [decoder.add(PROMPT, 3, SamplingParams(**{**MODEL_PARAMS.__dict__,
-                                                        "seed": 7 * 10**6 + start + i}))
+                                                        "seed": 7 * 10**6 + start + i}),
+                           lookup_branches=lookup)
                for i in range(batch)]
         out = run(decoder)
         counts.update(tuple(out[u]) for u in ids)

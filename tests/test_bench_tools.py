@@ -127,19 +127,22 @@ def test_sampling_benchmark_runs_on_a_tiny_folder(api_model_dir: Path, tmp_path:
     monkeypatch.setattr(bench_sampling, "RESULTS", tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert bench_sampling.main(["--model", str(api_model_dir), "--prompts", "2",
+        assert bench_sampling.main(["--model", str(api_model_dir), "--categories",
+                                    "writing,coding", "--per-category", "1",
                                     "--max-tokens", "5", "--temps", "0,1.0",
+                                    "--row", "SS lookup", "lookup_branches=2",
                                     "--ours-ar", "--tag", "s"]) == 0
     data = json.loads((tmp_path / "s.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
     assert list(rows) == ["mlx-lm autoregressive temp 0.7", "ours autoregressive temp 0.7",
-                          "SS temp 0.0", "SS temp 1.0"]
+                          "SS temp 0.0", "SS temp 1.0", "SS lookup"]
     ref = rows["mlx-lm autoregressive temp 0.7"]
     assert ref["prompts"] == 2 and ref["passes"] == ref["tokens"] > 0
     assert ref["tokens_per_pass"] == 1.0
-    for name in ("SS temp 0.0", "SS temp 1.0"):
+    for name in ("SS temp 0.0", "SS temp 1.0", "SS lookup"):
         assert rows[name]["passes"] > 0 and 1.0 <= rows[name]["tokens_per_pass"] <= 4.0
-    assert "| SS temp 1.0 |" in (tmp_path / "s.md").read_text()
+    md = (tmp_path / "s.md").read_text()
+    assert "| SS temp 1.0 |" in md and "2 prompts of the broad suite" in md
 
 
 def test_runners_are_reproducible_per_seed(api_model) -> None:

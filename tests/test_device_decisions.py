@@ -13,7 +13,15 @@ from mlx_specstream.tree import accept_greedy, make_tree, product_tree, prune
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_sampling import ALPHA, PROPOSALS, V, exact_law, goodness_of_fit, p_next
+from test_sampling import (
+    ALPHA,
+    PROPOSALS,
+    V,
+    exact_law,
+    goodness_of_fit,
+    p_next,
+    simulate_branched,
+)
 
 TREES = [
     product_tree([3, 2, 1]),
@@ -99,6 +107,22 @@ def test_device_rejection_sampling_emits_the_target_distribution(tree, topk) -> 
     stat2, df2, p2 = goodness_of_fit(Counter(runs), exact_law(2))
     assert p1 > ALPHA, (stat1, df1)
     assert p2 > ALPHA, (stat2, df2)
+
+
+def _device_accept_branched(tree, tokens, p, q, rng, cands, streams, branch):
+    return _device_accept(tree, rejection_tables(tree, streams, branch), tokens, p, q,
+                          cands, rng)
+
+
+@pytest.mark.parametrize("base,topk", [(product_tree([3, 2]), [3, 2]),
+                                       (product_tree([]), [])])
+def test_device_rejection_with_a_deterministic_branch_keeps_the_law(base, topk) -> None:
+    """test_sampling's branched decode loop with the device acceptance (3000 runs)."""
+    rng = np.random.default_rng(8)
+    runs = [simulate_branched(base, topk, 2, rng, _device_accept_branched)
+            for _ in range(3000)]
+    stat, df, pval = goodness_of_fit(Counter(runs), exact_law(2))
+    assert pval > ALPHA, (stat, df)
 
 
 def test_device_rejection_takes_the_whole_chain_when_streams_are_exact() -> None:

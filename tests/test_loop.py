@@ -89,8 +89,10 @@ def test_context_branch_merges_into_the_stream_tree() -> None:
     assert draft.streams == 5 and draft.tree.size == 6
     assert draft.tokens.tolist() == [7, 6, 5, 9, 9, 1]
     assert draft.branch == [0, 2, 4, 5] and draft.tree.parent[5] == 4
+    assert draft.stream_nodes is None  # one new node: every node may end the path
     paused = drafter.propose(context, room=10, paused=True)
     assert paused.tokens.tolist() == [7, 5, 9, 1] and paused.streams == 1
+    assert paused.stream_nodes == [0, 3]  # inside the new nodes, the branch's end only
     full = drafter.propose(context, room=5, paused=False)  # no room for a new node
     assert full.tree.size == 5 and full.branch == [0, 2, 4]
 
@@ -161,7 +163,7 @@ def test_verify_prunes_and_commit_keeps_the_accepted_rows() -> None:
     drafter = StreamDrafter(product_tree([3, 2, 1]))
     drafter.observe(logits[1 : 1 + drafter.rows], context)
     draft = drafter.propose(context, room=100, paused=False)
-    x, tree, tokens, kept = verify(model, cache, draft, True, prune_threshold=0.5)
+    x, tree, tokens, kept, _ = verify(model, cache, draft, True, prune_threshold=0.5)
     assert kept.tolist() == [0, 1, 4, 10] and tree.size == 4
     truth = [context[-1]]
     for _ in range(4):

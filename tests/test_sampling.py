@@ -27,7 +27,7 @@ from mlx_specstream.sampling import (
     random_key,
     target_probs,
 )
-from mlx_specstream.tree import make_tree, product_tree
+from mlx_specstream.tree import follow_chain, make_tree, product_tree, with_chain
 from tinymodels import tiny_base, tiny_model
 
 import mlx.core as mx
@@ -308,6 +308,75 @@ def test_accept_sampled_emits_the_target_distribution(tree, topk, pass_cands) ->
     assert p3 > ALPHA, (stat3, df3)
 
 
+def lookup_chain(seq: list[int], length: int) -> list[int]:
+    """A deterministic branch, as a context lookup makes one: the target's likeliest
+    token after the sequence, then after that, ...; every third chain starts with
+    token 5 instead (target probability 0), so rejected branches occur too."""
+    seq, chain = list(seq), []
+    for i in range(length):
+        t = 5 if i == 0 and seq[-1] % 3 == 0 else int(np.argmax(p_next(seq)))
+        chain.append(t)
+        seq.append(t)
+    return chain
+
+
+def simulate_branched(base, topk: list[int], n_out: int, rng,
+                      accept=accept_sampled) -> tuple[int, ...]:
+    """``simulate`` with a deterministic branch of 3 tokens joined to the tree as
+    ``drafting.ContextDrafter`` joins it: along the stream nodes that carry its tokens
+    (shared nodes), then as new nodes."""
+    seq, out = [2, 4], []
+    while len(out) < n_out:
+        q = np.array([PROPOSALS[d][seq[-1]] for d in range(base.max_depth)]).reshape(-1, V)
+        cands, _ = draft(q, topk, rng)
+        tokens = [seq[-1]] + [int(cands[base.depth[i] - 1, base.rank[i]])
+                              for i in range(1, base.size)]
+        chain = lookup_chain(seq, 3)
+        on = follow_chain(base, np.array(tokens), chain)
+        tree = with_chain(base, on[-1], len(chain) - len(on) + 1)
+        tokens = np.array(tokens + chain[len(on) - 1:])
+        branch = on + list(range(base.size, tree.size))
+        ancestry = []
+        for i in range(tree.size):
+            par = int(tree.parent[i])
+            ancestry.append((ancestry[par] if par >= 0 else []) + [i])
+        p = np.stack([p_next(seq + [int(tokens[j]) for j in a[1:]]) for a in ancestry])
+        path, nxt = accept(tree, tokens, p, q, rng, cands, base.size, branch)
+        emitted = [int(tokens[i]) for i in path[1:]] + [nxt]
+        seq += emitted
+        out += emitted
+    return tuple(out[:n_out])
+
+
+@pytest.mark.parametrize("base,topk", [(product_tree([3, 2]), [3, 2]),
+                                       (product_tree([]), [])])
+def test_a_deterministic_branch_keeps_the_target_distribution(base, topk) -> None:
+    """A branch of context-lookup tokens beside (and through) the streams' draws: the
+    first three emitted tokens still follow the target's joint law (12000 runs)."""
+    rng = np.random.default_rng(11)
+    runs = [simulate_branched(base, topk, 3, rng) for _ in range(12000)]
+    stat, df, pval = goodness_of_fit(Counter(runs), exact_law(3))
+    assert pval > ALPHA, (stat, df)
+
+
+def test_a_deterministic_branch_is_taken_with_the_target_probability() -> None:
+    """Root + a branch of one token y: accepted with probability p(y); when rejected,
+    the next token is drawn from p without y."""
+    tree = with_chain(product_tree([]), 0, 1)
+    p = np.zeros((2, V))
+    p[0, [1, 2, 3]] = [0.3, 0.5, 0.2]
+    p[1, 4] = 1.0
+    seen = Counter()
+    rng = np.random.default_rng(3)
+    for _ in range(4000):
+        path, nxt = accept_sampled(tree, np.array([0, 2]), p, np.zeros((0, V)), rng,
+                                   streams=1, branch=[0, 1])
+        seen[(len(path), nxt)] += 1
+    assert set(seen) == {(2, 4), (1, 1), (1, 3)}  # never y = 2 from the residual
+    assert abs(seen[(2, 4)] / 4000 - 0.5) < 0.04
+    assert abs(seen[(1, 1)] / (seen[(1, 1)] + seen[(1, 3)]) - 0.6) < 0.05
+
+
 def test_accept_sampled_takes_the_whole_chain_when_streams_are_exact() -> None:
     tree = product_tree([2, 2])
     tokens = np.array([0, 1, 2, 3, 4, 3, 4])
@@ -564,3 +633,53 @@ def test_adaptive_pause_keeps_the_sampling_law(small_model, model_law) -> None:
         law[k[:3]] += v
     stat, df, pval = goodness_of_fit(counts, law)
     assert pval > ALPHA, (stat, df)
+
+
+def test_context_branches_keep_the_sampling_law(small_model, model_law) -> None:
+    """Sampling with context branches from a corpus of the model's own samples (and the
+    context): branches are accepted and rejected, and the first 3 tokens still follow
+    the model's exact law."""
+    from mlx_specstream.corpus import DraftCorpus
+
+    texts = [list(sampled_autoregressive_steps(small_model, PROMPT, 8, DecodeStats(),
+                                               _params(5 * 10**6 + i))) for i in range(60)]
+    corpus = DraftCorpus(np.array([t for text in texts for t in [*text, -1]]))
+    small_model.draft_corpus = corpus
+    stats = DecodeStats()
+    try:
+        counts = Counter(
+            tuple(sampled_speculative_steps(small_model, PROMPT, 3, stats, _params(i),
+                                            lookup_branches=3))
+            for i in range(RUNS)
+        )
+    finally:
+        small_model.draft_corpus = None
+    assert stats.lookup_passes > RUNS // 2
+    assert 0 < stats.lookup_accepted < 3 * stats.lookup_passes
+    for n in (2, 3):
+        law = Counter()
+        for k, v in model_law.items():
+            law[k[:n]] += v
+        stat, df, pval = goodness_of_fit(_first(counts, n), law)
+        assert pval > ALPHA, (n, stat, df)
+
+
+def test_prompt_lookup_sampling_keeps_the_law(small_model, model_law) -> None:
+    """drafter="lookup" when sampling: prompt-lookup drafts alone (one-token suffixes
+    match often in a vocabulary of 16), the first 3 tokens follow the exact law."""
+    from mlx_specstream.decode import lookup_steps
+    from mlx_specstream.sampled import SampledAcceptor
+
+    stats = DecodeStats()
+    counts = Counter()
+    for i in range(RUNS):
+        params = _params(3 * 10**6 + i)
+        acceptor = SampledAcceptor(params, params.make_rng())
+        counts[tuple(lookup_steps(small_model, PROMPT, 3, stats, acceptor=acceptor))] += 1
+    assert stats.lookup_passes > RUNS // 8 and stats.lookup_accepted > 0
+    for n in (2, 3):
+        law = Counter()
+        for k, v in model_law.items():
+            law[k[:n]] += v
+        stat, df, pval = goodness_of_fit(_first(counts, n), law)
+        assert pval > ALPHA, (n, stat, df)
