@@ -18,7 +18,9 @@ Both are ``decode.py``'s loops with another acceptor and proposals; the policy i
    processed distributions at the last accepted node.
 
 The adaptive pause samples its plain passes from the target's own law, so the output
-law is unchanged.
+law is unchanged.  A context branch (prompt lookup, the draft corpus) joins the tree as
+in greedy decoding; each node on it tests the branch's token before the streams'
+candidates (``rejection_tables``' ``fixed``).
 
 No pruning when sampling: pruning keeps a child only if the early-exit probability
 of its token is high, so the surviving children are no longer draws from ``q``

@@ -27,6 +27,10 @@ speculative-sampling step, whose output law is ``r``; by induction over the chil
 ``p[u]``, and by induction over the depths the whole emitted sequence is distributed
 as autoregressive sampling.  The depth-``d`` candidates are drawn from the host's
 stream ``d`` independently of the tokens above them, which is what the argument needs.
+A context or corpus branch is a function of the context: at a node on it, its token
+``y`` is tested first as a proposal with all its mass on ``y`` (accepted with
+probability ``r(y)``, else ``r <- normalise(r without y)``), the same step with
+``q = delta_y``; the streams' candidates follow, still independent of it.
 
 Randomness: one ``numpy.random.Generator`` per generation, seeded by
 ``SamplingParams.seed`` (None: fresh OS entropy).  Device-side draws (``draft_on_device``,
