@@ -17,10 +17,16 @@ PY=${PYTHON:-.venv/bin/python}
     --option lookup_skip_streams=0 --per-category 3 \
     --output benchmarks/results/heldout_broad_noskip.md
 "$PY" benchmarks/bench_heldout.py --trees 3,2,1 --option temp=0.7 --option seed=0 \
+    --option lookup_branches=0 \
+    --row "3,2,1 + context + corpus" tree_topk=3,2,1 lookup_branches=4 \
+    --row "3,2,1 + context + corpus, streams every pass" tree_topk=3,2,1 lookup_branches=4 \
+    lookup_skip_streams=0 \
     --per-category 3 --output benchmarks/results/heldout_broad_sampled.md
 "$PY" benchmarks/bench_decode.py --per-category 2 --tree-topk 3,2,1 \
     --row "SS calibrated, no corpus" lookup_corpus=False \
     --row "SS calibrated, no context drafts" lookup_branches=0 --tag broad
+"$PY" benchmarks/bench_sampling.py --per-category 2 --temps 0.7 --ours-ar \
+    --row "SS temp 0.7, no context drafts" lookup_branches=0
 # Peers on the held-out chitchat prompts, the forward pass, the SQL task.
 "$PY" benchmarks/bench_decode.py --suite chitchat --prompts 10 --peers --dynamic \
     --tree-topk 3,2,1 --tag peers
