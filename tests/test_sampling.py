@@ -635,6 +635,17 @@ def test_adaptive_pause_keeps_the_sampling_law(small_model, model_law) -> None:
     assert pval > ALPHA, (stat, df)
 
 
+def assert_follows_the_law(counts: Counter, model_law: dict, lengths: tuple[int, ...]) -> None:
+    """Goodness of fit of the first n tokens of ``counts`` against the exact law, for
+    each n in ``lengths`` (ALPHA each)."""
+    for n in lengths:
+        law = Counter()
+        for k, v in model_law.items():
+            law[k[:n]] += v
+        stat, df, pval = goodness_of_fit(_first(counts, n), law)
+        assert pval > ALPHA, (n, stat, df)
+
+
 def test_context_branches_keep_the_sampling_law(small_model, model_law) -> None:
     """Sampling with context branches from a corpus of the model's own samples (and the
     context): branches are accepted and rejected, and the first 3 tokens still follow
@@ -656,12 +667,7 @@ def test_context_branches_keep_the_sampling_law(small_model, model_law) -> None:
         small_model.draft_corpus = None
     assert stats.lookup_passes > RUNS // 2
     assert 0 < stats.lookup_accepted < 3 * stats.lookup_passes
-    for n in (2, 3):
-        law = Counter()
-        for k, v in model_law.items():
-            law[k[:n]] += v
-        stat, df, pval = goodness_of_fit(_first(counts, n), law)
-        assert pval > ALPHA, (n, stat, df)
+    assert_follows_the_law(counts, model_law, (2, 3))
 
 
 def test_prompt_lookup_sampling_keeps_the_law(small_model, model_law) -> None:
@@ -677,9 +683,4 @@ def test_prompt_lookup_sampling_keeps_the_law(small_model, model_law) -> None:
         acceptor = SampledAcceptor(params, params.make_rng())
         counts[tuple(lookup_steps(small_model, PROMPT, 3, stats, acceptor=acceptor))] += 1
     assert stats.lookup_passes > RUNS // 8 and stats.lookup_accepted > 0
-    for n in (2, 3):
-        law = Counter()
-        for k, v in model_law.items():
-            law[k[:n]] += v
-        stat, df, pval = goodness_of_fit(_first(counts, n), law)
-        assert pval > ALPHA, (n, stat, df)
+    assert_follows_the_law(counts, model_law, (2, 3))
