@@ -434,8 +434,8 @@ def make_drafter(model: SpecStreamModel, params: SamplingParams, speculative: bo
         if speculative:
             sampled = with_context_branch(model, sampled, lookup_branches,
                                           lookup_skip_streams, lookup_corpus)
-        if tree.size == 1 and sampled.max_depth == 0:
-            return StreamDrafter(ROOT), PlainSampledAcceptor(params, rng)
+        if sampled.max_depth == 0:  # nothing to draft: one token per pass
+            return sampled, PlainSampledAcceptor(params, rng)
         return sampled, SampledAcceptor(params, rng)
     dynamic = cfg.dynamic_tree if dynamic is None else dynamic
     chains = None
