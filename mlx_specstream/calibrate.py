@@ -210,9 +210,13 @@ def choose_tree(cost: dict[str, object], accept: dict[str, object]) -> dict[str,
     """Expected tokens/pass and tokens/s of the best tree of each measured size."""
     probs = {_parse(k): v for k, v in accept["path_prob"].items()}
     ar = float(cost["autoregressive"])
+    measured = sorted((int(n), float(t)) for n, t in cost["tree"].items())
+    # a pass with more nodes does no less work: a size measured slower than a larger one
+    # was measured in noise and gets the larger one's time
+    for i in range(len(measured) - 2, -1, -1):
+        measured[i] = (measured[i][0], min(measured[i][1], measured[i + 1][1]))
     table = []
-    for n_str, seconds in sorted(cost["tree"].items(), key=lambda kv: int(kv[0])):
-        n = int(n_str)
+    for n, seconds in measured:
         paths = best_paths(probs, n)
         exp_tokens = 1.0 + sum(probs[p] for p in paths)
         table.append({

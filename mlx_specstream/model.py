@@ -227,6 +227,38 @@ def _lora_add_c(y: mx.array, xs: mx.array, a: mx.array, b: mx.array, scale: floa
     return y + scale * ((xs @ a.T) @ b.T)
 
 
+@partial(mx.compile, shapeless=False)
+def _rotate_c(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+# Every layer rotates by the same positions in one pass, so their cosines and sines are
+# computed once per positions array (the last few are kept, with the array itself so that
+# its identity is not reused).  They are read off mx.fast.rope itself, applied to (1, 0)
+# pairs: rope(x)[:half] = x1 cos - x2 sin and rope(x)[half:] = x1 sin + x2 cos give the
+# exact cos and sin it computes, and ``_rotate_c`` then performs its arithmetic, so the
+# rotation is bit-identical to mx.fast.rope's and mlx-lm's (tests/test_model.py).
+_ROPE_TABLES: list[tuple[mx.array, tuple, mx.array, mx.array]] = []
+_ROPE_TABLES_KEPT = 4
+
+
+def _rope_tables(rope: nn.RoPE, positions: mx.array) -> tuple[mx.array, mx.array]:
+    """(cos, sin), each (positions.size, 1, 1, dims // 2) in float32."""
+    key = (rope.dims, rope.base, rope.scale)
+    for pos, k, cos, sin in _ROPE_TABLES:
+        if pos is positions and k == key:
+            return cos, sin
+    n, half = positions.size, rope.dims // 2
+    unit = mx.concatenate([mx.ones((n, 1, 1, half)), mx.zeros((n, 1, 1, half))], axis=-1)
+    t = _rope_c(unit, positions.reshape(-1), rope.dims, False, rope.base, rope.scale)
+    cos, sin = t[..., :half], t[..., half:]
+    _ROPE_TABLES.insert(0, (positions, key, cos, sin))
+    del _ROPE_TABLES[_ROPE_TABLES_KEPT:]
+    return cos, sin
+
+
 def _norm(norm: nn.Module, x: mx.array) -> mx.array:
     if _compiled() and type(norm) is nn.RMSNorm:
         return _rms_norm_c(x, norm.weight, norm.eps)
@@ -240,7 +272,10 @@ def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
     B, L, H, D = x.shape
     x = x.reshape(B * L, H, 1, D)
     off = positions.reshape(-1)
-    if _compiled() and type(rope) is nn.RoPE:
+    if (_compiled() and type(rope) is nn.RoPE and not rope.traditional and rope.dims == D
+            and x.dtype == mx.float32):
+        y = _rotate_c(x, *_rope_tables(rope, positions))
+    elif _compiled() and type(rope) is nn.RoPE:
         y = _rope_c(x, off, rope.dims, rope.traditional, rope.base, rope.scale)
     else:
         y = rope(x, offset=off)

@@ -42,6 +42,16 @@ def test_choose_tree_trades_tokens_against_cost() -> None:
     assert choose_tree(steep, accept)["best"]["nodes"] == 1
 
 
+def test_choose_tree_reads_a_noisy_curve_as_non_decreasing() -> None:
+    """A size measured slower than a larger one takes the larger one's time: 3 nodes
+    measured at 2.0 but 4 at 1.2 means 3 nodes cost at most 1.2."""
+    accept = {"path_prob": {"0": 0.8, "0,0": 0.6, "0,0,0": 0.4}}
+    noisy = {"autoregressive": 1.0, "tree": {"1": 1.0, "2": 1.1, "3": 2.0, "4": 1.2}}
+    choice = choose_tree(noisy, accept)
+    assert [r["seconds"] for r in choice["table"]] == [1.0, 1.1, 1.2, 1.2]
+    assert choice["best"]["nodes"] == 4
+
+
 def test_acceptance_stats_and_cost_on_a_model_that_repeats_itself() -> None:
     """Weak weights make greedy output repeat one token and untrained streams (~ the
     main state) predict it too: rank 0 at every depth."""

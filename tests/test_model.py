@@ -144,3 +144,37 @@ def test_extra_parameters_budget() -> None:
     n = sum(v.size for v in model.stream_parameters().values())
     assert n == model.cfg.extra_parameters(hidden)
     assert n <= 25 * hidden
+
+
+@pytest.mark.parametrize("base,scale,heads", [(100000.0, 1.0, 9), (1e6, 0.5, 2)])
+def test_rotary_tables_are_bit_identical_to_fast_rope(base: float, scale: float,
+                                                      heads: int) -> None:
+    """The CPU path rotates with cos/sin tables shared by the layers of a pass: every
+    value equals mx.fast.rope's, per-row offsets (a tree, a batch) and mlx-lm's one offset
+    per call alike; a second call with the same positions reuses the tables."""
+    from mlx_specstream import model as M
+
+    import mlx.nn as nn
+    import numpy as np
+
+    if not M._compiled():
+        pytest.skip("the tables are the CPU path (compiled rotary embedding)")
+    D = 64
+    rope = nn.RoPE(D, traditional=False, base=base, scale=scale)
+    rng = np.random.default_rng(0)
+    for B, L, start in ((1, 1, 0), (1, 7, 250), (3, 5, 31000)):
+        x = mx.random.normal((B, L, heads, D), key=mx.random.key(L)) * 3
+        pos = mx.array(rng.integers(start, start + 50, (B, L)).astype(np.int32))
+        got = M._rope(rope, x, pos)
+        ref = mx.fast.rope(x.reshape(B * L, heads, 1, D), D, traditional=False, base=base,
+                           scale=scale, offset=pos.reshape(-1)).reshape(B, L, heads, D)
+        assert np.array_equal(np.array(got), np.array(ref))
+        assert M._ROPE_TABLES[0][0] is pos
+        kept = len(M._ROPE_TABLES)
+        again = M._rope(rope, x + 1, pos)  # the same positions: the same tables
+        assert len(M._ROPE_TABLES) == kept and M._ROPE_TABLES[0][0] is pos
+        assert np.array_equal(np.array(again), np.array(M._rope(rope, x + 1, pos + 0)))
+        consecutive = mx.arange(start, start + L)[None]
+        one = M._rope(rope, x[:1], consecutive)
+        lm = rope(x[:1].transpose(0, 2, 1, 3), offset=start).transpose(0, 2, 1, 3)
+        assert np.array_equal(np.array(one), np.array(lm))
