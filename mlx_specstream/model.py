@@ -271,14 +271,14 @@ def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
     Tokens go onto the batch axis, where mx.fast.rope takes one offset per row."""
     B, L, H, D = x.shape
     x = x.reshape(B * L, H, 1, D)
-    off = positions.reshape(-1)
     if (_compiled() and type(rope) is nn.RoPE and not rope.traditional and rope.dims == D
             and x.dtype == mx.float32):
         y = _rotate_c(x, *_rope_tables(rope, positions))
     elif _compiled() and type(rope) is nn.RoPE:
-        y = _rope_c(x, off, rope.dims, rope.traditional, rope.base, rope.scale)
+        y = _rope_c(x, positions.reshape(-1), rope.dims, rope.traditional, rope.base,
+                    rope.scale)
     else:
-        y = rope(x, offset=off)
+        y = rope(x, offset=positions.reshape(-1))
     return y.reshape(B, L, H, D)
 
 
